@@ -1,0 +1,44 @@
+# One command per check, the same locally and in CI.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: run test lint bench install system-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[embedded,test,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: the service on the shipped config (embedded database, everything under ./var)
+run: $(STAMP)
+	mkdir -p var/raw
+	$(PY) -m huntsman run
+
+## test: the whole test suite (the system tools it needs are installed by system-deps)
+test: $(STAMP) system-deps
+	$(PY) -m pytest
+
+## lint: ruff and mypy; fails on any finding
+lint: $(STAMP)
+	$(VENV)/bin/ruff check huntsman tests benchmarks
+	$(VENV)/bin/mypy
+
+## bench: benchmarks (not part of test); figures printed and written under benchmarks/results
+bench: $(STAMP) system-deps
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/run_all.py --out benchmarks/results
+
+## system-deps: astrometry.net with the Tycho-2 indexes, SExtractor and PSFEx (Debian)
+system-deps:
+	@./scripts/system-deps.sh
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

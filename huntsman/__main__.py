@@ -1,0 +1,7 @@
+"""``python -m huntsman``."""
+
+import sys
+
+from huntsman.cli import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""Command line: ``python -m huntsman [run|ingest|status|check|export|validate-config]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from huntsman import __version__
+from huntsman.config import Config, ConfigError, load_config
+from huntsman.logs import configure_logging
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="huntsman", description="Data-reduction service of the Huntsman Telescope."
+    )
+    parser.add_argument("--version", action="version", version=f"huntsman {__version__}")
+    parser.add_argument("--config", type=Path, help="config file (default etc/huntsman.yaml)")
+    parser.add_argument("--override", type=Path, help="local override file layered on top")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the service (the default)")
+    sub.add_parser("validate-config", help="validate the configuration and print it")
+    ingest = sub.add_parser("ingest", help="ingest files or directories (back-fill)")
+    ingest.add_argument("paths", nargs="+", type=Path)
+    ingest.add_argument("--force", action="store_true", help="re-ingest files already ingested")
+    sub.add_parser("status", help="counts, quarantined files and whether a service runs")
+    sub.add_parser("check", help="exit 0 only if a running service's heartbeat is fresh")
+    export = sub.add_parser("export", help="print exposure documents as JSON lines")
+    export.add_argument("--type", dest="observation_type", help="bias, dark, flat or science")
+    export.add_argument("--camera")
+    export.add_argument("--filter", dest="physical_filter")
+    export.add_argument("--status", help="ingest status: ok, failed or quarantined")
+    export.add_argument("--night", help="calibration date YYYY-MM-DD (UTC day)")
+    export.add_argument("--query", help="a MongoDB filter as JSON, combined with the others")
+    export.add_argument("--no-header", action="store_true", help="leave out the raw header")
+    export.add_argument("--limit", type=int, default=0)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, override=args.override)
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"huntsman: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if command == "validate-config":
+        print(json.dumps(config.redacted(), indent=2))
+        print("configuration OK", file=sys.stderr)
+        return EXIT_OK
+    if command == "run":
+        configure_logging(config.logging.level, config.logging.format)
+        from huntsman.app import run_service
+
+        try:
+            return _run(run_service(config))
+        except KeyboardInterrupt:
+            return EXIT_OK
+    # Command-line tools log warnings only, to stderr-friendly console output.
+    configure_logging("WARNING", "console" if sys.stderr.isatty() else config.logging.format)
+    from huntsman import commands
+
+    handlers = {
+        "ingest": commands.ingest,
+        "status": commands.status,
+        "check": commands.check,
+        "export": commands.export,
+    }
+    return _run(handlers[command](config, args))
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    return str(value)

@@ -1,0 +1,95 @@
+"""Frozen records that cross queues and process boundaries.
+
+Worker functions take paths and these small records, and return small records: no arrays
+travel between processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from typing import Any
+
+__all__ = [
+    "FileSource",
+    "IngestParams",
+    "IngestRequest",
+    "IngestResult",
+    "IngestStatus",
+    "ObservationType",
+    "utcnow",
+]
+
+OBSERVATION_TYPES = ("bias", "dark", "flat", "science")
+
+
+def utcnow() -> dt.datetime:
+    """Timezone-aware UTC now, truncated to the millisecond BSON keeps."""
+    now = dt.datetime.now(dt.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class ObservationType(enum.StrEnum):
+    BIAS = "bias"
+    DARK = "dark"
+    FLAT = "flat"
+    SCIENCE = "science"
+
+
+class IngestStatus(enum.StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    QUARANTINED = "quarantined"
+
+
+class FileSource(enum.StrEnum):
+    """How a file came to the ingestor's attention."""
+
+    EVENT = "event"  # CLOSE_WRITE / MOVED_TO: the writer is done
+    SCAN = "scan"  # found by a directory scan: may still be being written
+    RECONCILE = "reconcile"  # found by the start-up scan: failed files are retried
+    CLI = "cli"  # named on the command line
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IngestRequest:
+    """A file to ingest, as put on the ingest queue."""
+
+    path: str
+    seen_at: dt.datetime
+    source: FileSource = FileSource.EVENT
+    force: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IngestParams:
+    """Parameters of the ingestion worker, fixed at start-up."""
+
+    saturation_adu: float = 4094.0
+    camera_numbers: tuple[tuple[str, int], ...] = ()
+    metrics: bool = True
+    raw_root: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What a worker learnt about one file: standard metadata, header, metrics or the error.
+
+    ``fields`` holds the data-contract fields (observation_type, camera, ...); ``error`` is
+    ``None`` on success.  ``file_size``/``file_mtime_ns`` identify the content that was read.
+    """
+
+    filename: str
+    fields: dict[str, Any]
+    header: dict[str, Any] | None
+    metrics: dict[str, Any]
+    error: str | None
+    warnings: tuple[str, ...]
+    duration_s: float
+    file_size: int | None
+    file_mtime_ns: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

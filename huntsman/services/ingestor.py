@@ -1,0 +1,210 @@
+"""FileIngestor: every raw file becomes exactly one exposure document.
+
+Requests arrive on a bounded queue (the watcher waits when it is full: back-pressure; if the
+kernel's inotify queue overflows meanwhile, the watcher rescans, so nothing is lost).  Each
+file is processed in its own ``try``: a bad file is recorded as failed, never stops the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from huntsman.config import IngestConfig, WatcherConfig
+from huntsman.models import FileSource, IngestParams, IngestRequest, IngestResult, utcnow
+from huntsman.store.exposures import ExposureCollection, FileState
+from huntsman.workers.ingest import ingest_file
+from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
+
+__all__ = ["FileIngestor"]
+
+Listener = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+def _identity(path: str) -> tuple[int, int, float] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_mtime
+
+
+class FileIngestor:
+    """Consumes ingest requests with a bounded number of concurrent jobs."""
+
+    def __init__(
+        self,
+        exposures: ExposureCollection,
+        pool: ComputePool,
+        params: IngestParams,
+        config: IngestConfig,
+        watcher_config: WatcherConfig,
+        log: Any,
+        *,
+        concurrency: int,
+    ) -> None:
+        self.exposures = exposures
+        self.pool = pool
+        self.params = params
+        self.config = config
+        self.settle_s = watcher_config.settle_s
+        self.queue: asyncio.Queue[IngestRequest] = asyncio.Queue(maxsize=config.queue_size)
+        self.concurrency = concurrency
+        self._log = log.bind(component="ingestor")
+        self._pending: set[str] = set()
+        self._again: set[str] = set()
+        self._deferred: set[asyncio.Task[None]] = set()
+        self.listeners: list[Listener] = []
+        self.counts = {"ok": 0, "failed": 0, "quarantined": 0, "skipped": 0}
+        self.latencies: list[float] = []
+
+    # -- intake -------------------------------------------------------------------------
+    async def submit(self, request: IngestRequest) -> None:
+        """Queue a file unless it is already queued or in flight (waits if the queue is full)."""
+        path = request.path
+        if path in self._pending:
+            if request.source is FileSource.EVENT:
+                self._again.add(path)  # rewritten while queued: look at it once more
+            return
+        self._pending.add(path)
+        await self.queue.put(request)
+
+    def idle(self) -> bool:
+        return not self._pending and not self._deferred and self.queue.empty()
+
+    # -- processing ---------------------------------------------------------------------
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for n in range(self.concurrency):
+                group.create_task(self._consume(), name=f"ingestor-{n}")
+
+    async def _consume(self) -> None:
+        while True:
+            request = await self.queue.get()
+            try:
+                await self.process(request)
+            except asyncio.CancelledError:
+                self._log.warning("ingest_abandoned", filename=request.path)
+                raise
+            except Exception:
+                # A bug while handling one file must not stop ingestion of the others.
+                self._log.exception("ingest_crashed", filename=request.path)
+            finally:
+                self._pending.discard(request.path)
+                self.queue.task_done()
+                if request.path in self._again:
+                    self._again.discard(request.path)
+                    await self.submit(IngestRequest(request.path, utcnow(), FileSource.EVENT))
+
+    async def _decide(self, request: IngestRequest, state: FileState | None) -> str | None:
+        """Why this file must be (re)ingested, or ``None`` to skip it."""
+        if request.force:
+            return "forced"
+        if state is None:
+            return "new"
+        ident = await asyncio.to_thread(_identity, request.path)
+        same = ident is not None and (ident[0], ident[1]) == (state.file_size, state.file_mtime_ns)
+        if state.status == "ok":
+            return None if same or ident is None else "changed"
+        if state.status == "failed":
+            if not same:
+                return "changed"
+            if request.source in (FileSource.RECONCILE, FileSource.CLI, FileSource.EVENT):
+                return "retry"
+            return None
+        # quarantined: only new content brings it back
+        return None if same else "changed"
+
+    async def process(self, request: IngestRequest) -> str | None:
+        """Ingest one file; returns the stored status, or ``None`` if skipped."""
+        path = request.path
+        log = self._log.bind(filename=path, source=str(request.source))
+        state = await self.exposures.state(path)
+        reason = await self._decide(request, state)
+        if reason is None:
+            self.counts["skipped"] += 1
+            return None
+        if request.source in (FileSource.SCAN, FileSource.RECONCILE) and not request.force:
+            ident = await asyncio.to_thread(_identity, path)
+            if ident is not None and time.time() - ident[2] < self.settle_s:
+                self._defer(request)  # possibly still being written; its CLOSE_WRITE may follow
+                return None
+        start = time.perf_counter()
+        try:
+            result = await self.pool.run(ingest_file, path, self.params)
+        except (JobTimeout, PoolBroken) as exc:
+            result = await asyncio.to_thread(_failure, path, str(exc), time.perf_counter() - start)
+        ident = await asyncio.to_thread(_identity, path)
+        same_content = (
+            state is not None
+            and ident is not None
+            and (ident[0], ident[1]) == (state.file_size, state.file_mtime_ns)
+        )
+        status = await self.exposures.record_ingest(
+            result,
+            seen_at=request.seen_at,
+            previous=state,
+            max_tries=self.config.max_tries,
+            same_content=same_content,
+        )
+        self.counts[status] = self.counts.get(status, 0) + 1
+        latency = (utcnow() - request.seen_at).total_seconds()
+        self.latencies = [*self.latencies[-999:], latency]
+        fields = result.fields
+        if result.ok:
+            log.info(
+                "exposure_ingested",
+                status=status,
+                reason=reason,
+                observation_type=fields.get("observation_type"),
+                camera=fields.get("camera"),
+                duration_s=round(result.duration_s, 3),
+                latency_s=round(latency, 3),
+            )
+            if self.params.camera_numbers and not fields.get("camera_known", True):
+                log.warning("camera_unknown", camera=fields.get("camera"))
+            for listener in self.listeners:
+                await listener(path, fields)
+        else:
+            log.warning("ingest_failed", status=status, error=result.error, reason=reason)
+        return status
+
+    def _defer(self, request: IngestRequest) -> None:
+        async def later() -> None:
+            await asyncio.sleep(self.settle_s)
+            await self.submit(IngestRequest(request.path, request.seen_at, FileSource.SCAN))
+
+        self._pending.discard(request.path)
+        task = asyncio.get_running_loop().create_task(later(), name=f"defer:{request.path}")
+        self._deferred.add(task)
+        task.add_done_callback(self._deferred.discard)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until the queue is empty and nothing is in flight; ``False`` on timeout."""
+        try:
+            await asyncio.wait_for(self.queue.join(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def abandoned(self) -> list[str]:
+        """Paths still queued (for the shutdown log: they are redone at the next start)."""
+        return sorted(self._pending)
+
+
+def _failure(path: str, error: str, duration_s: float) -> IngestResult:
+    ident = _identity(path)
+    return IngestResult(
+        filename=path,
+        fields={},
+        header=None,
+        metrics={},
+        error=error,
+        warnings=(),
+        duration_s=duration_s,
+        file_size=ident[0] if ident else None,
+        file_mtime_ns=ident[1] if ident else None,
+    )

@@ -1,0 +1,225 @@
+"""The embedded MongoDB-compatible server (SecantusDB), run as a child process.
+
+SecantusDB is GPL-2.0: it is only ever run as a separate program (``secantusd-py``), never
+imported.  The launcher writes ``server.json`` (pid, port) in the storage directory so that
+command-line tools can reach a running server, and so that a server left behind by a killed
+run is found and stopped before the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from pymongo import AsyncMongoClient
+from pymongo.errors import PyMongoError
+
+__all__ = ["EmbeddedServer", "EmbeddedServerError", "find_running", "server_command"]
+
+STATE_FILE = "server.json"
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded server could not be started."""
+
+
+def server_command() -> list[str]:
+    """The ``secantusd-py`` executable: next to this interpreter first, then on PATH."""
+    local = Path(sys.executable).with_name("secantusd-py")
+    if local.exists():
+        return [str(local)]
+    found = shutil.which("secantusd-py")
+    if found is None:
+        raise EmbeddedServerError(
+            "secantusd-py not found: install the embedded extra (pip install 'huntsman[embedded]') "
+            "or set database.uri / HUNTSMAN_MONGODB_URI to a MongoDB server"
+        )
+    return [found]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _read_state(storage_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((storage_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _server_process(state: dict[str, Any], data_dir: Path) -> psutil.Process | None:
+    """The process described by a state file, if it is still our server on that storage."""
+    try:
+        proc = psutil.Process(int(state["pid"]))
+        cmdline = proc.cmdline()
+    except (KeyError, ValueError, psutil.Error):
+        return None
+    if any("secantusd" in part for part in cmdline) and str(data_dir) in cmdline:
+        return proc
+    return None
+
+
+def find_running(storage_dir: Path) -> str | None:
+    """URI of a live embedded server on ``storage_dir`` (started by a running service)."""
+    state = _read_state(storage_dir)
+    if state is None or _server_process(state, storage_dir / "data") is None:
+        return None
+    return f"mongodb://127.0.0.1:{int(state['port'])}/"
+
+
+class EmbeddedServer:
+    """Start, health-check and stop one ``secantusd-py`` child process."""
+
+    def __init__(
+        self,
+        storage_dir: Path,
+        *,
+        port: int = 0,
+        start_timeout_s: float = 30.0,
+        stop_timeout_s: float = 3.0,
+        memory: bool = False,
+        test_commands: bool = False,
+        log: Any = None,
+    ) -> None:
+        self.storage_dir = Path(storage_dir)
+        self.requested_port = port
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.memory = memory
+        self.test_commands = test_commands
+        self.port: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log = log
+
+    @property
+    def uri(self) -> str:
+        if self.port is None:
+            raise EmbeddedServerError("embedded server is not running")
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.storage_dir / "data"
+
+    async def start(self) -> str:
+        """Start the server and wait until it answers ``ping``; returns its URI."""
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._stop_leftover)
+        port = self.requested_port
+        if port == 0 or not _port_free(port):
+            if port and self._log is not None:
+                self._log.warning("embedded_port_busy", port=port)
+            port = _free_port()
+        storage = ":memory:" if self.memory else str(self.data_dir)
+        cmd = [*server_command(), "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--storage-path", storage, "--log-level", "WARNING"]
+        if self.test_commands:
+            cmd.append("--enable-test-commands")
+        log_file = await asyncio.to_thread(open, self.storage_dir / "server.log", "ab")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdout=log_file,
+                stderr=log_file,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            log_file.close()
+        self.port = port
+        await self._wait_ready()
+        state = {"pid": self._proc.pid, "port": port, "storage": storage, "started": time.time()}
+        await asyncio.to_thread((self.storage_dir / STATE_FILE).write_text, json.dumps(state))
+        return self.uri
+
+    async def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.start_timeout_s
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
+        )
+        try:
+            while True:
+                if self._proc.returncode is not None:
+                    raise EmbeddedServerError(
+                        f"embedded server exited with code {self._proc.returncode} during start-up; "
+                        f"see {self.storage_dir / 'server.log'}"
+                    )
+                try:
+                    await client.admin.command("ping")
+                    return
+                except PyMongoError:
+                    if time.monotonic() > deadline:
+                        await self.stop()
+                        raise EmbeddedServerError(
+                            f"embedded server did not answer within {self.start_timeout_s:g} s; "
+                            f"see {self.storage_dir / 'server.log'}"
+                        ) from None
+                    await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+
+    def _stop_leftover(self) -> None:
+        """Stop a server left running on our storage by a run that was killed."""
+        state = _read_state(self.storage_dir)
+        if state is None:
+            return
+        proc = _server_process(state, self.data_dir)
+        if proc is not None:
+            if self._log is not None:
+                self._log.warning("embedded_leftover_stopped", pid=proc.pid)
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+                try:
+                    proc.wait(timeout=self.stop_timeout_s)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=self.stop_timeout_s)
+        with contextlib.suppress(FileNotFoundError):
+            (self.storage_dir / STATE_FILE).unlink()
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after ``stop_timeout_s``."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            (self.storage_dir / STATE_FILE).unlink()
+        self.port = None
