@@ -1,0 +1,541 @@
+"""Streamed sigma-clipped combination of a stack of frames.
+
+Never holds N full frames: the stack is processed in bands of rows.  For each band the rows
+are read from every frame, optionally corrected (bias, scaled dark, offset, scale), clipped
+along the frame axis and averaged, and the band of the output is written.
+
+Reading a band
+--------------
+astropy refuses ``memmap=True`` for the cameras' BZERO-scaled uint16 data, so uncompressed
+files are read directly: the header is parsed once with astropy, the byte offset of the data
+(``HDUList.fileinfo(i)["datLoc"]``) gives where row ``r`` starts, and the band's bytes are read
+with one ``readinto`` into a big-endian buffer that is scaled (``BSCALE``/``BZERO``) into
+float32.  Tile-compressed images (``.fits.fz``) use astropy's ``CompImageHDU.section``, which
+decompresses only the tiles that overlap the band.
+
+Clipping algorithm
+------------------
+Per pixel this reproduces astropy's ``sigma_clip(axis=0, cenfunc='median', stdfunc='std')``
+followed by the mean of the survivors.  Each band is sorted along the frame axis once (NaN
+sorts last).  A symmetric or asymmetric clip around a centre only ever removes values from the
+two ends of the sorted list, so the survivors of every iteration are a contiguous index range
+``[lo, hi)``: the median is a gather, the new range is two counts of sorted values below the
+bounds, and only pixels whose range changed are revisited in the next iteration (a pixel that
+did not change has converged, exactly as in astropy's loop).  Sums are accumulated in float64
+about the initial median, so the mean and the standard deviation are exact to float64
+rounding; astropy keeps float32 input in float32, so a value lying within float32 rounding of a
+clipping bound may be decided differently by the two (documented in the tests and benchmark).
+
+Non-finite inputs (NaN, ±inf) are ignored per pixel, as astropy does.  A frame that is
+entirely NaN therefore contributes nothing; its valid fraction (0.0) is reported in
+:attr:`CombineResult.frame_valid_fraction` so callers can reject it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from astropy.io import fits
+
+from huntsman.science.fitsio import image_hdu_index
+
+__all__ = [
+    "ArrayFrameSource",
+    "BandPlan",
+    "CombineResult",
+    "FitsFrameSource",
+    "FrameSource",
+    "as_source",
+    "plan_bands",
+    "sigma_clipped_combine",
+]
+
+# Memory model of one band, in bytes per pixel of the band: float32 stack of the band being
+# clipped and of the band being prefetched (2 x 4 N), the boolean comparison plane (N) and
+# about 20 float64/intp per-pixel work vectors; plus master bands (4 bytes each).
+_WORK_BYTES_PER_PIXEL = 160
+_STACK_BYTES_PER_PIXEL_PER_FRAME = 9
+# Outputs held for the whole frame: float32 image + float32 uncertainty + uint16 count.
+_OUTPUT_BYTES_PER_PIXEL = 10
+# Interpreter, numpy and astropy already resident before the first band is read.
+_BASELINE_MB = 160
+
+FrameTransform = Callable[[np.ndarray, int, slice], np.ndarray]
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """Anything that can hand out row bands of one 2-D frame as float32."""
+
+    @property
+    def name(self) -> str:
+        """Name used in error messages (usually the file path)."""
+        ...
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(ny, nx) of the frame."""
+        ...
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as a new float32 array of shape (stop - start, nx)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayFrameSource:
+    """An in-memory 2-D array as a frame source (tests, masters already in memory)."""
+
+    array: np.ndarray
+    label: str = "<array>"
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 2:
+            raise ValueError(f"{self.label}: expected a 2-D array, got shape {self.array.shape}")
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.array.shape[0]), int(self.array.shape[1]))
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.array(self.array[start:stop], dtype=np.float32)
+
+
+_BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+class FitsFrameSource:
+    """Row bands of the image in a FITS file, read without loading the whole frame.
+
+    The header is parsed once at construction.  Plain images are read with ``readinto`` at the
+    byte offset of the band; compressed images through ``CompImageHDU.section``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+        with fits.open(self._path) as hdul:
+            self._hdu_index = image_hdu_index(hdul)
+            hdu = hdul[self._hdu_index]
+            header = hdu.header
+            self._compressed = isinstance(hdu, fits.CompImageHDU)
+            if header.get("NAXIS") != 2:
+                raise ValueError(f"{self._path}: expected a 2-D image, NAXIS={header['NAXIS']}")
+            self._shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+            self._bscale = float(header.get("BSCALE", 1.0))
+            self._bzero = float(header.get("BZERO", 0.0))
+            bitpix = int(header["BITPIX"])
+            if bitpix not in _BITPIX_DTYPES:
+                raise ValueError(f"{self._path}: unsupported BITPIX {bitpix}")
+            self._dtype = np.dtype(_BITPIX_DTYPES[bitpix])
+            self._blank = header.get("BLANK") if bitpix > 0 else None
+            self._data_offset = (
+                0 if self._compressed else int(hdul.fileinfo(self._hdu_index)["datLoc"])
+            )
+
+    @property
+    def name(self) -> str:
+        return str(self._path)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        ny, nx = self._shape
+        if not 0 <= start <= stop <= ny:
+            raise IndexError(f"{self._path}: rows {start}:{stop} outside 0:{ny}")
+        if self._compressed:
+            with fits.open(self._path) as hdul:
+                section = hdul[self._hdu_index].section[start:stop]
+            return np.asarray(section, dtype=np.float32)
+        raw = np.empty((stop - start, nx), dtype=self._dtype)
+        with open(self._path, "rb") as stream:
+            stream.seek(self._data_offset + start * nx * self._dtype.itemsize)
+            n_read = stream.readinto(raw.data.cast("B"))
+        if n_read != raw.nbytes:
+            raise ValueError(f"{self._path}: truncated data (rows {start}:{stop})")
+        out = np.empty(raw.shape, dtype=np.float32)
+        if self._bscale == 1.0:
+            np.add(raw, np.float32(self._bzero), out=out, casting="unsafe")
+        else:
+            np.multiply(raw, self._bscale, out=out, casting="unsafe")
+            out += np.float32(self._bzero)
+        if self._blank is not None:
+            out[raw == self._blank] = np.nan
+        return out
+
+
+def as_source(item: str | Path | np.ndarray | FrameSource, label: str | None = None) -> FrameSource:
+    """Wrap a path or a 2-D array as a :class:`FrameSource` (sources pass through)."""
+    if isinstance(item, str | Path):
+        return FitsFrameSource(item)
+    if isinstance(item, np.ndarray):
+        return ArrayFrameSource(item, label or "<array>")
+    if isinstance(item, FrameSource):
+        return item
+    raise TypeError(f"cannot read frames from {type(item).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BandPlan:
+    """How a combination is split into row bands to stay under a memory ceiling."""
+
+    rows_per_band: int
+    n_bands: int
+    bytes_per_band: int
+    memory_limit_mb: float
+
+
+def plan_bands(
+    n_frames: int, shape: tuple[int, int], memory_limit_mb: float, n_masters: int = 0
+) -> BandPlan:
+    """Band height for combining ``n_frames`` frames of ``shape`` within ``memory_limit_mb``.
+
+    The ceiling covers the outputs (10 bytes per output pixel), a fixed interpreter baseline
+    and, per band pixel, two float32 frame stacks (the band being clipped and the one being
+    prefetched), the comparison plane, the per-pixel work vectors and ``n_masters`` master
+    bands.
+
+    Raises
+    ------
+    ValueError
+        If not even one row fits.
+    """
+    ny, nx = shape
+    per_pixel = (
+        _STACK_BYTES_PER_PIXEL_PER_FRAME * n_frames + _WORK_BYTES_PER_PIXEL + 4 * n_masters
+    )
+    budget = memory_limit_mb * 2**20 - _BASELINE_MB * 2**20 - _OUTPUT_BYTES_PER_PIXEL * ny * nx
+    rows = int(budget // (per_pixel * nx)) if budget > 0 else 0
+    if rows < 1:
+        raise ValueError(
+            f"memory_limit_mb={memory_limit_mb} is too small to combine {n_frames} frames "
+            f"of shape {shape}"
+        )
+    rows = min(rows, ny)
+    return BandPlan(
+        rows_per_band=rows,
+        n_bands=math.ceil(ny / rows),
+        bytes_per_band=rows * nx * per_pixel,
+        memory_limit_mb=memory_limit_mb,
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CombineResult:
+    """Output of :func:`sigma_clipped_combine`.
+
+    Attributes
+    ----------
+    data : numpy.ndarray, shape (ny, nx)
+        Mean of the surviving values (NaN where none survived).
+    uncertainty : numpy.ndarray, float32, shape (ny, nx)
+        Standard error of that mean: sample standard deviation (ddof=1) of the survivors over
+        sqrt(n_used); NaN where fewer than two values survived.
+    n_used : numpy.ndarray, uint16, shape (ny, nx)
+        Number of surviving values per pixel.
+    frame_valid_fraction : tuple of float
+        Per input frame, the fraction of its pixels that were finite after preprocessing.
+    names : tuple of str
+        The input names, in order.
+    plan : BandPlan
+        The band layout used.
+    """
+
+    data: np.ndarray
+    uncertainty: np.ndarray
+    n_used: np.ndarray
+    frame_valid_fraction: tuple[float, ...]
+    names: tuple[str, ...]
+    plan: BandPlan
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.names)
+
+
+def _per_frame(values: float | Sequence[float] | np.ndarray | None, n: int, what: str,
+               default: float) -> np.ndarray:
+    if values is None:
+        return np.full(n, default, dtype=np.float64)
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 0:
+        return np.full(n, float(arr), dtype=np.float64)
+    if arr.shape != (n,):
+        raise ValueError(f"{what} must be a scalar or have one value per frame ({n})")
+    return arr
+
+
+def _round_up_f32(x: np.ndarray) -> np.ndarray:
+    """Smallest float32 >= x, so that ``f32 < x`` is the same test as ``f32 < result``."""
+    r = x.astype(np.float32)
+    low = r < x
+    r[low] = np.nextafter(r[low], np.float32(np.inf))
+    return r
+
+
+def _round_down_f32(x: np.ndarray) -> np.ndarray:
+    """Largest float32 <= x, so that ``f32 <= x`` is the same test as ``f32 <= result``."""
+    r = x.astype(np.float32)
+    high = r > x
+    r[high] = np.nextafter(r[high], np.float32(-np.inf))
+    return r
+
+
+def _clip_band(
+    stack: np.ndarray,
+    sigma_lower: float,
+    sigma_upper: float,
+    maxiters: int,
+    median_centre: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clip and average a band stack in place.
+
+    Parameters
+    ----------
+    stack : numpy.ndarray, float32, shape (N, P)
+        N frames of P pixels; non-finite values must already be NaN.  Sorted in place.
+
+    Returns
+    -------
+    mean, sem : numpy.ndarray, float64, shape (P,)
+    n_used : numpy.ndarray, intp, shape (P,)
+    """
+    n_frames, npix = stack.shape
+    stack.sort(axis=0)  # NaN last
+    flat = stack.reshape(-1)
+    pix = np.arange(npix)
+    n_valid = n_frames - np.count_nonzero(np.isnan(stack), axis=0)
+    lo = np.zeros(npix, dtype=np.intp)
+    hi = n_valid.astype(np.intp)
+
+    def median_of(idx: np.ndarray, start: np.ndarray, m: np.ndarray) -> np.ndarray:
+        a = flat[(start + np.maximum(m - 1, 0) // 2) * npix + idx].astype(np.float64)
+        b = flat[(start + m // 2) * npix + idx]
+        with np.errstate(invalid="ignore"):
+            med: np.ndarray = np.where(m > 0, 0.5 * (a + b), np.nan)
+        return med
+
+    # Sums are taken about the initial median so that they are well conditioned.
+    ref = median_of(pix, lo, hi)
+    ref_finite = np.where(np.isfinite(ref), ref, 0.0)
+    s1 = np.zeros(npix)
+    s2 = np.zeros(npix)
+    for k in range(n_frames):
+        d = stack[k] - ref_finite
+        d[k >= n_valid] = 0.0
+        s1 += d
+        s2 += d * d
+
+    active = pix
+    for _ in range(maxiters):
+        if active.size == 0:
+            break
+        cur_lo, cur_hi = lo[active], hi[active]
+        m = cur_hi - cur_lo
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_d = s1[active] / m
+            std = np.sqrt(np.maximum(s2[active] / m - mean_d * mean_d, 0.0))
+        centre = median_of(active, cur_lo, m) if median_centre else ref_finite[active] + mean_d
+        with np.errstate(invalid="ignore"):
+            lower = _round_up_f32(centre - sigma_lower * std)
+            upper = _round_down_f32(centre + sigma_upper * std)
+        sub = stack if active.size == npix else stack[:, active]
+        with np.errstate(invalid="ignore"):
+            new_lo = np.maximum(cur_lo, np.count_nonzero(sub < lower, axis=0))
+            new_hi = np.minimum(cur_hi, np.count_nonzero(sub <= upper, axis=0))
+        changed = (new_lo != cur_lo) | (new_hi != cur_hi)
+        if not changed.any():
+            break
+        active = active[changed]
+        new_lo, new_hi = new_lo[changed], new_hi[changed]
+        lo[active], hi[active] = new_lo, new_hi
+        sub = stack[:, active]
+        frame_index = np.arange(n_frames)[:, None]
+        inside = (frame_index >= new_lo) & (frame_index < new_hi)
+        d = np.where(inside, sub - ref_finite[active], 0.0)
+        s1[active] = d.sum(axis=0)
+        s2[active] = (d * d).sum(axis=0)
+
+    n_used = hi - lo
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = ref_finite + s1 / n_used
+        var = (s2 - s1 * s1 / n_used) / (n_used - 1)
+        sem = np.sqrt(np.maximum(var, 0.0) / n_used)
+    mean[n_used == 0] = np.nan
+    sem[n_used < 2] = np.nan
+    return mean, sem, n_used
+
+
+def sigma_clipped_combine(
+    paths_or_loaders: Sequence[str | Path | np.ndarray | FrameSource],
+    *,
+    sigma: float = 3.0,
+    sigma_lower: float | None = None,
+    sigma_upper: float | None = None,
+    maxiters: int = 3,
+    cenfunc: str = "median",
+    stdfunc: str = "std",
+    scales: float | Sequence[float] | np.ndarray | None = None,
+    offsets: float | Sequence[float] | np.ndarray | None = None,
+    bias: str | Path | np.ndarray | FrameSource | None = None,
+    dark_rate: str | Path | np.ndarray | FrameSource | None = None,
+    exptimes: float | Sequence[float] | np.ndarray | None = None,
+    transform: FrameTransform | None = None,
+    memory_limit_mb: float = 1024,
+    dtype: type[np.floating] | np.dtype = np.float32,
+    io_threads: int = 2,
+) -> CombineResult:
+    """Sigma-clipped mean of a stack of frames, streamed in row bands.
+
+    Each frame ``i`` is first corrected, band by band, as::
+
+        x_i = (raw_i - bias - dark_rate * exptimes[i] - offsets[i]) / scales[i]
+
+    then ``transform(x_i, i, rows)`` if given (it must return a new array of the same shape).
+    Per pixel, values are clipped iteratively around the median with the standard deviation
+    (ddof=0) as astropy's ``sigma_clip(axis=0, sigma, maxiters, cenfunc, stdfunc)`` does, and
+    the survivors are averaged.
+
+    Parameters
+    ----------
+    paths_or_loaders : sequence of path, 2-D array or FrameSource
+        The frames, all of the same shape (ny, nx); values in ADU.
+    sigma, sigma_lower, sigma_upper : float
+        Clipping thresholds in standard deviations (lower/upper default to ``sigma``).
+    maxiters : int
+        Maximum number of clipping iterations (>= 0; 0 means a plain NaN-ignoring mean).
+    cenfunc : {'median', 'mean'}
+        Centre of the clipping interval.
+    stdfunc : {'std'}
+        Width of the clipping interval (population standard deviation).
+    scales, offsets : float or sequence of float, optional
+        Per-frame divisor (default 1) and additive offset in ADU (default 0).
+    bias : path, 2-D array or FrameSource, optional
+        Master bias in ADU, shape (ny, nx), subtracted from every frame.
+    dark_rate : path, 2-D array or FrameSource, optional
+        Master dark in ADU/s, shape (ny, nx); ``exptimes`` (s, per frame) is then required.
+    transform : callable(band, frame_index, rows) -> band, optional
+        Extra per-frame correction of a float32 band of shape (rows, nx).
+    memory_limit_mb : float
+        Ceiling on the memory used, which sets the band height (see :func:`plan_bands`).
+    dtype : numpy float dtype
+        dtype of the output image (the uncertainty is always float32).
+    io_threads : int
+        Threads reading frames; the next band is read while the current one is clipped.
+
+    Returns
+    -------
+    CombineResult
+
+    Raises
+    ------
+    ValueError
+        No frames, frames (or masters) of different shapes (the message names the file), bad
+        parameters, or a memory limit too small for one row.
+    """
+    if cenfunc not in ("median", "mean"):
+        raise ValueError(f"cenfunc must be 'median' or 'mean', not {cenfunc!r}")
+    if stdfunc != "std":
+        raise ValueError(f"stdfunc must be 'std', not {stdfunc!r}")
+    if maxiters < 0:
+        raise ValueError("maxiters must be >= 0")
+    s_lo = float(sigma if sigma_lower is None else sigma_lower)
+    s_hi = float(sigma if sigma_upper is None else sigma_upper)
+    if not paths_or_loaders:
+        raise ValueError("no frames to combine")
+    sources = [as_source(s, f"<frame {i}>") for i, s in enumerate(paths_or_loaders)]
+    n = len(sources)
+    shape = sources[0].shape
+    for src in sources[1:]:
+        if src.shape != shape:
+            raise ValueError(
+                f"{src.name}: shape {src.shape} differs from {shape} of {sources[0].name}"
+            )
+    bias_src = None if bias is None else as_source(bias, "<bias>")
+    dark_src = None if dark_rate is None else as_source(dark_rate, "<dark rate>")
+    for master in (bias_src, dark_src):
+        if master is not None and master.shape != shape:
+            raise ValueError(f"{master.name}: master shape {master.shape} differs from {shape}")
+    if dark_src is not None and exptimes is None:
+        raise ValueError("exptimes are required to subtract a dark rate")
+    scale_arr = _per_frame(scales, n, "scales", 1.0)
+    offset_arr = _per_frame(offsets, n, "offsets", 0.0)
+    exptime_arr = _per_frame(exptimes, n, "exptimes", 0.0)
+    if np.any(scale_arr == 0) or not np.all(np.isfinite(scale_arr)):
+        raise ValueError("scales must be finite and non-zero")
+
+    n_masters = int(bias_src is not None) + int(dark_src is not None)
+    plan = plan_bands(n, shape, memory_limit_mb, n_masters)
+    ny, nx = shape
+    out = np.empty(shape, dtype=dtype)
+    uncert = np.empty(shape, dtype=np.float32)
+    n_used_out = np.empty(shape, dtype=np.uint16)
+    n_finite = np.zeros(n, dtype=np.int64)
+
+    def read_frame(i: int, rows: slice, stack: np.ndarray,
+                   masters: tuple[np.ndarray | None, np.ndarray | None]) -> int:
+        band = sources[i].read_rows(rows.start, rows.stop)
+        mbias, mdark = masters
+        if mbias is not None:
+            band -= mbias
+        if mdark is not None:
+            band -= np.float32(exptime_arr[i]) * mdark
+        if offset_arr[i] != 0.0:
+            band -= np.float32(offset_arr[i])
+        if scale_arr[i] != 1.0:
+            band /= np.float32(scale_arr[i])
+        if transform is not None:
+            band = np.asarray(transform(band, i, rows), dtype=np.float32)
+            if band.shape != (rows.stop - rows.start, nx):
+                raise ValueError(f"transform changed the band shape of {sources[i].name}")
+        finite = np.isfinite(band)
+        band[~finite] = np.nan
+        stack[i] = band.reshape(-1)
+        return int(np.count_nonzero(finite))
+
+    def load_band(pool: ThreadPoolExecutor, rows: slice) -> tuple[np.ndarray, list[Future[int]]]:
+        mbias = None if bias_src is None else bias_src.read_rows(rows.start, rows.stop)
+        mdark = None if dark_src is None else dark_src.read_rows(rows.start, rows.stop)
+        stack = np.empty((n, (rows.stop - rows.start) * nx), dtype=np.float32)
+        futures = [pool.submit(read_frame, i, rows, stack, (mbias, mdark)) for i in range(n)]
+        return stack, futures
+
+    bands = [
+        slice(r, min(r + plan.rows_per_band, ny)) for r in range(0, ny, plan.rows_per_band)
+    ]
+    workers = max(1, min(io_threads, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stack-io") as pool:
+        pending = load_band(pool, bands[0])
+        for b, rows in enumerate(bands):
+            stack, futures = pending
+            for i, fut in enumerate(futures):
+                n_finite[i] += fut.result()
+            if b + 1 < len(bands):
+                pending = load_band(pool, bands[b + 1])
+            mean, sem, n_used = _clip_band(stack, s_lo, s_hi, maxiters, cenfunc == "median")
+            del stack
+            height = rows.stop - rows.start
+            out[rows] = mean.reshape(height, nx)
+            uncert[rows] = sem.reshape(height, nx)
+            n_used_out[rows] = n_used.reshape(height, nx)
+
+    return CombineResult(
+        data=out,
+        uncertainty=uncert,
+        n_used=n_used_out,
+        frame_valid_fraction=tuple(float(c) / (ny * nx) for c in n_finite),
+        names=tuple(s.name for s in sources),
+        plan=plan,
+    )
