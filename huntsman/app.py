@@ -29,10 +29,10 @@ __all__ = ["Application", "run_service"]
 
 def ingest_params(config: Config) -> IngestParams:
     return IngestParams(
-        saturation_adu=config.ingest.saturation_adu,
         camera_numbers=tuple(sorted(config.camera_numbers().items())),
         metrics=config.ingest.metrics,
         raw_root=str(config.paths.raw_dir.resolve()),
+        **config.detector.model_dump(),
     )
 
 

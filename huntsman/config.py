@@ -109,8 +109,18 @@ class WatcherConfig(_Section):
 class IngestConfig(_Section):
     max_tries: int = Field(3, ge=1, le=100)
     queue_size: int = Field(2000, ge=1)
-    saturation_adu: float = Field(4094.0, gt=0)
     metrics: bool = True
+
+
+class DetectorConfig(_Section):
+    """Nominal constants of the cameras (ZWO ASI183MM Pro behind a Canon 400 mm f/2.8)."""
+
+    saturation_adu: float = Field(4094.0, gt=0)
+    gain_e_per_adu: float = Field(1.145, gt=0)
+    read_noise_e: float = Field(2.4, gt=0)
+    bias_level_adu: float = Field(32.0, ge=0)
+    dark_current_e_per_s: float = Field(0.005, ge=0)
+    pixel_scale_arcsec: float = Field(1.24, gt=0)
 
 
 class CameraConfig(_Section):
@@ -148,6 +158,7 @@ class Config(_Section):
     pool: PoolConfig = PoolConfig()
     watcher: WatcherConfig = WatcherConfig()
     ingest: IngestConfig = IngestConfig()
+    detector: DetectorConfig = DetectorConfig()
     cameras: tuple[CameraConfig, ...] = ()
     shutdown: ShutdownConfig = ShutdownConfig()
     service: ServiceConfig = ServiceConfig()

@@ -66,10 +66,16 @@ class IngestRequest:
 class IngestParams:
     """Parameters of the ingestion worker, fixed at start-up."""
 
-    saturation_adu: float = 4094.0
     camera_numbers: tuple[tuple[str, int], ...] = ()
     metrics: bool = True
     raw_root: str | None = None
+    # Detector constants for the metrics (see DetectorConfig).
+    saturation_adu: float = 4094.0
+    gain_e_per_adu: float = 1.145
+    read_noise_e: float = 2.4
+    bias_level_adu: float = 32.0
+    dark_current_e_per_s: float = 0.005
+    pixel_scale_arcsec: float = 1.24
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

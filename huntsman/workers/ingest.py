@@ -18,7 +18,7 @@ import numpy as np
 
 from huntsman.models import IngestParams, IngestResult
 from huntsman.science.frames import FrameError, header_to_dict, read_frame, salvage_header
-from huntsman.science.stats import basic_stats
+from huntsman.science.metrics import MetricParams, compute_metrics
 from huntsman.science.translator import (
     TranslationError,
     classify_observation_type,
@@ -69,18 +69,20 @@ def standard_fields(header: Any, filename: str, params: IngestParams) -> dict[st
     return fields
 
 
-def _metrics(data: np.ndarray, params: IngestParams) -> dict[str, Any]:
-    stats = basic_stats(data, params.saturation_adu)
-    return {
-        "clipped_mean": stats.clipped_mean,
-        "clipped_median": stats.clipped_median,
-        "clipped_std": stats.clipped_std,
-        "minimum": stats.minimum,
-        "maximum": stats.maximum,
-        "saturated_fraction": stats.saturated_fraction,
-        "well_fullfrac": stats.well_fullfrac,
-        "shape": [int(data.shape[0]), int(data.shape[1])],
-    }
+def _metrics(data: np.ndarray, fields: dict[str, Any], params: IngestParams) -> dict[str, Any]:
+    """Every per-frame metric; each one that fails is listed under ``failed`` with its reason."""
+    metric_params = MetricParams(
+        saturation_adu=params.saturation_adu,
+        pixel_scale_arcsec=params.pixel_scale_arcsec,
+        gain_e_per_adu=params.gain_e_per_adu,
+        read_noise_e=params.read_noise_e,
+        bias_level_adu=params.bias_level_adu,
+        dark_current_e_per_s=params.dark_current_e_per_s,
+        exptime_s=fields.get("exposure_time"),
+    )
+    result = compute_metrics(data, fields["observation_type"], params=metric_params).to_dict()
+    result["shape"] = [int(data.shape[0]), int(data.shape[1])]
+    return result
 
 
 def ingest_file(path: str, params: IngestParams) -> IngestResult:
@@ -106,7 +108,7 @@ def ingest_file(path: str, params: IngestParams) -> IngestResult:
             prefix = f"{corrupt}; " if corrupt else ""
             raise FrameError(f"{prefix}header cannot be translated: {exc}") from None
         if params.metrics:
-            metrics = _metrics(frame.data, params)
+            metrics = _metrics(frame.data, fields, params)
     except FrameError as exc:
         error = str(exc)
         header = exc.header if exc.header is not None else _salvage(path, error)
