@@ -1,4 +1,4 @@
-"""Command line: ``python -m huntsman [run|ingest|status|check|export|validate-config]``."""
+"""Command line: ``python -m huntsman [run|ingest|status|check|export|report|reprocess|...]``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--force", action="store_true", help="re-ingest files already ingested")
     sub.add_parser("status", help="counts, quarantined files and whether a service runs")
     sub.add_parser("check", help="exit 0 only if a running service's heartbeat is fresh")
+    calib = sub.add_parser("calib", help="build missing or out-of-date master calibrations now")
+    calib.add_argument("--date", action="append", help="calibration date YYYY-MM-DD (repeatable)")
+    calib.add_argument("--camera", action="append", help="CAM-ID (repeatable)")
+    calib.add_argument("--type", dest="calib_type", action="append", choices=["bias", "dark", "flat"])
+    calib.add_argument("--force", action="store_true", help="rebuild even masters that are up to date")
+    qc = sub.add_parser("qc", help="calibrate and measure science frames now (same code as the service)")
+    qc.add_argument("--reprocess", action="store_true", help="measure again even frames that are done")
+    qc.add_argument("--night", action="append", help="calibration date YYYY-MM-DD (repeatable)")
+    qc.add_argument("--camera", action="append", help="CAM-ID (repeatable)")
+    qc.add_argument("--filter", dest="physical_filter", action="append", help="filter (repeatable)")
+    qc.add_argument("--pattern", help="shell pattern matched against the raw filename")
+    index = sub.add_parser(
+        "build-index", help="build an astrometry.net index from a local reference catalogue"
+    )
+    index.add_argument("--refcat", type=Path, required=True, help="catalogue CSV (SkyMapper columns)")
+    index.add_argument("--out", type=Path, help="output directory (default paths.astrometry_dir)")
+    index.add_argument("--ra-col", default="raj2000")
+    index.add_argument("--dec-col", default="dej2000")
+    index.add_argument("--mag-col", default="g_psf")
     export = sub.add_parser("export", help="print exposure documents as JSON lines")
     export.add_argument("--type", dest="observation_type", help="bias, dark, flat or science")
     export.add_argument("--camera")
@@ -46,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--query", help="a MongoDB filter as JSON, combined with the others")
     export.add_argument("--no-header", action="store_true", help="leave out the raw header")
     export.add_argument("--limit", type=int, default=0)
+    from huntsman import operations
+
+    operations.add_parsers(sub)
     return parser
 
 
@@ -83,13 +105,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
     # Command-line tools log warnings only, to stderr-friendly console output.
     configure_logging("WARNING", "console" if sys.stderr.isatty() else config.logging.format)
-    from huntsman import commands
+    from huntsman import commands, operations
 
     handlers = {
         "ingest": commands.ingest,
         "status": commands.status,
         "check": commands.check,
         "export": commands.export,
+        "calib": commands.calib,
+        "qc": commands.qc,
+        "build-index": commands.build_index,
+        "report": operations.report,
+        "reprocess": operations.reprocess,
     }
     return _run(handlers[command](config, args))
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from huntsman.app import ingest_params, make_pool
+from huntsman.app import ingest_params, make_calib_service, make_pool, make_quality_monitor
 from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import FileSource, IngestRequest, utcnow
@@ -19,7 +19,7 @@ from huntsman.services.ingestor import FileIngestor
 from huntsman.services.watcher import is_candidate
 from huntsman.store.database import Database, open_database
 
-__all__ = ["check", "export", "ingest", "status"]
+__all__ = ["calib", "check", "export", "ingest", "qc", "status"]
 
 
 def _expand(paths: list[Path], extensions: tuple[str, ...]) -> list[str]:
@@ -112,7 +112,122 @@ async def _status_text(database: Database, config: Config) -> str:
                 f"  [{ingest.get('status')}, tries {ingest.get('tries')}] {doc['filename']}: "
                 f"{ingest.get('error')}"
             )
+    lines += await _calib_status_lines(database)
+    lines += await _qc_status_lines(database)
     return "\n".join(lines)
+
+
+async def _qc_status_lines(database: Database) -> list[str]:
+    """Science frames by QC state (and grade), and the reasons of failed ones."""
+    science = {"observation_type": "science"}
+    lines = ["quality control (science frames):"]
+    counts: dict[str, int] = {}
+    for row in await database.exposures.counts_by("observation_type", "qc.status", "qc.grade"):
+        if row.get("observation_type") != "science":
+            continue
+        state = row.get("qc_status") or "not measured"
+        if row.get("qc_grade"):
+            state += f" ({row['qc_grade']})"
+        counts[state] = counts.get(state, 0) + row["n"]
+    for state, n in sorted(counts.items()):
+        lines.append(f"  {state:<24} {n:>7}")
+    async for doc in database.exposures.find(
+        {**science, "qc.status": "failed"}, projection={"filename": 1, "qc": 1, "_id": 0}, limit=20
+    ):
+        qc_doc = doc.get("qc") or {}
+        lines.append(f"  [failed, tries {qc_doc.get('tries')}] {doc['filename']}: {qc_doc.get('error')}")
+    return lines
+
+
+async def _calib_status_lines(database: Database, max_records: int = 200) -> list[str]:
+    """Masters per calibration date, and the reason of every group without a master."""
+    lines: list[str] = []
+    n_current = await database.calibs.count({"superseded": False})
+    n_superseded = await database.calibs.count({"superseded": True})
+    lines.append(f"master calibrations: {n_current} current, {n_superseded} superseded")
+    date = None
+    async for rec in database.calibs.find_status(limit=max_records):
+        if rec.get("date") != date:
+            date = rec.get("date")
+            lines.append(f"  {date}")
+        parts = (rec.get("calib_type"), rec.get("camera"), rec.get("physical_filter"))
+        what = " ".join(str(p) for p in parts if p)
+        masters = rec.get("masters") or []
+        line = f"    {what:<30} {rec.get('state', '?'):<12} {len(masters)} master(s)"
+        if rec.get("reason"):
+            line += f": {rec['reason']}"
+        lines.append(line)
+        for item in (rec.get("excluded") or [])[:5]:
+            lines.append(f"      excluded {item['filename']}: {item['reason']}")
+        if len(rec.get("excluded") or []) > 5:
+            lines.append(f"      ... {len(rec['excluded']) - 5} more excluded")
+    return lines
+
+
+async def calib(config: Config, args: argparse.Namespace) -> int:
+    """Build master calibrations on demand, through the service's own CalibService."""
+    log = get_logger(command="calib")
+    configure_offline_astropy()
+    async with open_database(config.database, log, reuse_running=True) as database:
+        await database.ensure_indexes()
+        pool = make_pool(config, log)
+        try:
+            service = make_calib_service(config, database, pool, log)
+            summary = await service.run_pass(
+                dates=set(args.date) if args.date else None,
+                cameras=set(args.camera) if args.camera else None,
+                types=args.calib_type or ("bias", "dark", "flat"),
+                force=args.force,
+                reason="command",
+            )
+        finally:
+            await pool.shutdown(1.0)
+        for filename in summary.built:
+            print(f"built {filename}")
+        for key in summary.failed:
+            print(f"failed {key}")
+        print(
+            f"{len(summary.built)} built, {summary.up_to_date} up to date, "
+            f"{len(summary.missing)} without enough frames or masters, {len(summary.failed)} failed "
+            f"(`huntsman status` shows the reasons)"
+        )
+    return 1 if summary.failed else 0
+
+
+async def qc(config: Config, args: argparse.Namespace) -> int:
+    """Calibrate and measure science frames on demand, through the service's QualityMonitor."""
+    import fnmatch
+
+    log = get_logger(command="qc")
+    configure_offline_astropy()
+    query: dict[str, Any] = {"observation_type": "science", "ingest.status": "ok"}
+    for field, values in (("calib_date", args.night), ("camera", args.camera),
+                          ("physical_filter", args.physical_filter)):
+        if values:
+            query[field] = {"$in": list(values)}
+    results: dict[str, int] = {}
+    async with open_database(config.database, log, reuse_running=True) as database:
+        await database.ensure_indexes()
+        pool = make_pool(config, log)
+        try:
+            monitor = make_quality_monitor(config, database, pool, log)
+            names = [d["filename"] async for d in database.exposures.find(
+                query, projection={"_id": 0, "filename": 1})]
+            if args.pattern:
+                names = [n for n in names if fnmatch.fnmatch(n, args.pattern)
+                         or fnmatch.fnmatch(Path(n).name, args.pattern)]
+
+            async def one(name: str) -> None:
+                status = await monitor.process(name, force=args.reprocess) or "unchanged"
+                results[status] = results.get(status, 0) + 1
+                print(f"{status:<15} {name}")
+
+            await asyncio.gather(*(one(n) for n in sorted(names)))
+        finally:
+            await pool.shutdown(1.0)
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(results.items())) or "no frames"
+    print(f"{len(names)} science frames: {summary}")
+    return 1 if results.get("failed") else 0
 
 
 async def status(config: Config, args: argparse.Namespace) -> int:
@@ -135,6 +250,27 @@ async def check(config: Config, args: argparse.Namespace) -> int:
         print("unhealthy: no running service with a fresh heartbeat", file=sys.stderr)
         return 1
     print(f"healthy: heartbeat {heartbeat['heartbeat'].isoformat(timespec='seconds')}")
+    return 0
+
+
+async def build_index(config: Config, args: argparse.Namespace) -> int:
+    """Build astrometry.net index files for fields too narrow for the Tycho-2 indexes."""
+    from huntsman.science.astrometry import build_index as build
+
+    out = args.out or config.paths.astrometry_dir
+    if not args.refcat.is_file():
+        print(f"huntsman: no such catalogue: {args.refcat}", file=sys.stderr)
+        return 2
+    try:
+        files = await asyncio.to_thread(
+            build, args.refcat, out, ra_col=args.ra_col, dec_col=args.dec_col, mag_col=args.mag_col
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"huntsman: build-index failed: {exc}", file=sys.stderr)
+        return 1
+    for path in files:
+        print(path)
+    print(f"{len(files)} index files in {out}; the service adds this directory to its index path")
     return 0
 
 

@@ -51,10 +51,18 @@ class PathsConfig(_Section):
     raw_dir: Path = Path("var/raw")
     calib_dir: Path = Path("var/calib")
     calibrated_dir: Path = Path("var/calibrated")
+    astrometry_dir: Path = Path("var/astrometry")
+    reports_dir: Path = Path("var/reports")
 
 
 # Sub-directories of var_dir used for paths that are not configured explicitly.
-_VAR_SUBDIRS = {"raw_dir": "raw", "calib_dir": "calib", "calibrated_dir": "calibrated"}
+_VAR_SUBDIRS = {
+    "raw_dir": "raw",
+    "calib_dir": "calib",
+    "calibrated_dir": "calibrated",
+    "astrometry_dir": "astrometry",
+    "reports_dir": "reports",
+}
 
 
 class EmbeddedConfig(_Section):
@@ -91,7 +99,10 @@ class LoggingConfig(_Section):
 
 
 class PoolConfig(_Section):
+    """Worker processes: one pool for ingestion, one for solving, calibration and QC."""
+
     max_workers: int = Field(2, ge=1, le=64)
+    background_workers: int = Field(1, ge=1, le=64)
     max_in_flight: int = Field(4, ge=1, le=1024)
     context: Literal["spawn", "forkserver"] = "forkserver"
     job_timeout_s: float = Field(120.0, gt=0)
@@ -104,6 +115,24 @@ class WatcherConfig(_Section):
     )
     queue_size: int = Field(10000, ge=1)
     extensions: tuple[str, ...] = (".fits", ".fit", ".fts", ".fits.fz")
+
+
+class AstrometryConfig(_Section):
+    """Plate solving of science frames with astrometry.net's solve-field."""
+
+    enabled: bool = True
+    index_dirs: tuple[Path, ...] = (Path("/usr/share/astrometry"),)
+    scale_tolerance: float = Field(0.10, gt=0, lt=1)
+    cpu_limit_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    search_radius_deg: float = Field(3.0, gt=0, le=180)
+    max_sources: int = Field(60, ge=10)
+    blind_fallback: bool = True
+    max_tries: int = Field(2, ge=1, le=10)
+    write_wcs: bool = True
+    concurrency: int = Field(1, ge=1, le=16)
+    queue_size: int = Field(500, ge=1)
+    sweep_interval_s: float = Field(120.0, gt=0)
 
 
 class IngestConfig(_Section):
@@ -123,6 +152,92 @@ class DetectorConfig(_Section):
     pixel_scale_arcsec: float = Field(1.24, gt=0)
 
 
+class CalibConfig(_Section):
+    """Automatic master bias/dark/flat building (see docs/calibs.md)."""
+
+    enabled: bool = True
+    interval_s: float = Field(600.0, gt=0, description="full pass over every date")
+    debounce_s: float = Field(30.0, ge=0, description="quiet time after new calibration frames")
+    window_days: int = Field(1, ge=0, description="neighbouring days used when a date has too few")
+    max_age_days: float = Field(14.0, ge=0, description="validity of a master either side of its date")
+    temperature_tolerance_c: float = Field(2.0, gt=0)
+    min_frames_bias: int = Field(5, ge=1)
+    max_frames_bias: int = Field(50, ge=1)
+    min_frames_dark: int = Field(5, ge=1)
+    max_frames_dark: int = Field(50, ge=1)
+    min_frames_flat: int = Field(5, ge=1)
+    max_frames_flat: int = Field(50, ge=1)
+    bias_max_level_offset_adu: float = Field(10.0, gt=0)
+    max_sources_bias_dark: int = Field(3, ge=0)
+    flat_min_illumination_fraction: float = Field(0.1, ge=0, le=1)
+    flat_max_illumination_fraction: float = Field(0.8, ge=0, le=1)
+    flat_max_sources: int = Field(500, ge=0)
+    flat_max_elongation: float = Field(1.5, ge=1)
+    sigma: float = Field(3.0, gt=0)
+    maxiters: int = Field(3, ge=0)
+    memory_limit_mb: float = Field(1024.0, gt=0)
+    hot_pixel_sigma: float = Field(5.0, gt=0)
+    dead_pixel_fraction: float = Field(0.5, gt=0, lt=1)
+    job_timeout_s: float = Field(900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> CalibConfig:
+        for kind in ("bias", "dark", "flat"):
+            low, high = getattr(self, f"min_frames_{kind}"), getattr(self, f"max_frames_{kind}")
+            if low > high:
+                raise ValueError(f"min_frames_{kind} ({low}) exceeds max_frames_{kind} ({high})")
+        if self.flat_min_illumination_fraction >= self.flat_max_illumination_fraction:
+            raise ValueError("flat_min_illumination_fraction must be below flat_max_illumination_fraction")
+        return self
+
+    def frame_limits(self, calib_type: str) -> tuple[int, int]:
+        """(min, max) number of raw frames of a master of ``calib_type``."""
+        return getattr(self, f"min_frames_{calib_type}"), getattr(self, f"max_frames_{calib_type}")
+
+
+class QCConfig(_Section):
+    """Calibrated science frames and their image-quality numbers (see docs/quality.md)."""
+
+    enabled: bool = True
+    max_tries: int = Field(3, ge=1, le=100, description="failed frames are retried up to this")
+    queue_size: int = Field(1000, ge=1)
+    concurrency: int = Field(2, ge=1, le=64)
+    sweep_interval_s: float = Field(300.0, gt=0)
+    job_timeout_s: float = Field(180.0, gt=0)
+    write_calibrated: bool = True
+    min_flat_value: float = Field(0.2, ge=0, description="flat pixels below this are masked")
+    psf_max_stars: int = Field(150, ge=5)
+    refcat_path: Path | None = Field(None, description="local catalogue file; None: no zeropoint")
+    refcat_format: Literal["skymapper", "csv", "fits"] = "skymapper"
+    refcat_ra_column: str = "raj2000"
+    refcat_dec_column: str = "dej2000"
+    refcat_mag_columns: dict[str, str] = {"g_band": "g_psf", "r_band": "r_psf"}
+    refcat_err_columns: dict[str, str] = {"g_band": "e_g_psf", "r_band": "e_r_psf"}
+    refcat_stellarity_column: str | None = "class_star"
+    refcat_min_stellarity: float = 0.9
+    refcat_flags_column: str | None = "flags"
+    refcat_flags_allowed: tuple[int, ...] = (0,)
+    refcat_mag_min: float | None = None
+    refcat_mag_max: float | None = None
+    refcat_min_separation_arcsec: float | None = Field(None, gt=0)
+    grade_fwhm_arcsec_good: float = Field(3.5, gt=0)
+    grade_fwhm_arcsec_bad: float = Field(5.0, gt=0)
+    grade_zeropoint_drop_mag: float = Field(0.5, gt=0)
+    nominal_zeropoint: dict[str, float] = Field(
+        default_factory=dict, description="filter or 'CAM-ID/filter' -> nominal zeropoint (mag)"
+    )
+    grade_sky_mag_min: float = Field(18.0, description="sky brighter (mag/arcsec²) is flagged")
+    grade_min_stars: int = Field(10, ge=0)
+
+    @model_validator(mode="after")
+    def _check_grades(self) -> QCConfig:
+        if self.grade_fwhm_arcsec_good >= self.grade_fwhm_arcsec_bad:
+            raise ValueError("grade_fwhm_arcsec_good must be below grade_fwhm_arcsec_bad")
+        if (self.refcat_mag_min is None) != (self.refcat_mag_max is None):
+            raise ValueError("set both refcat_mag_min and refcat_mag_max, or neither")
+        return self
+
+
 class CameraConfig(_Section):
     cam_id: str
     detector_num: int = Field(ge=0)
@@ -130,20 +245,51 @@ class CameraConfig(_Section):
 
 
 class ShutdownConfig(_Section):
-    drain_timeout_s: float = Field(4.0, ge=0)
+    drain_timeout_s: float = Field(3.0, ge=0)
+    cancel_timeout_s: float = Field(0.5, gt=0, description="per stage, to stop cancelled tasks")
     pool_timeout_s: float = Field(2.0, ge=0)
     database_timeout_s: float = Field(1.0, ge=0)
     stopwaitsecs: int = Field(15, ge=1, description="supervisord's stopwaitsecs")
 
     @model_validator(mode="after")
     def _fits_budget(self) -> ShutdownConfig:
-        total = self.drain_timeout_s + self.pool_timeout_s + self.database_timeout_s
+        total = self.budget_s()
         if total >= self.stopwaitsecs:
             raise ValueError(
-                f"drain+pool+database timeouts ({total:g} s) must stay below "
+                f"drain+cancel+pool+database timeouts ({total:g} s) must stay below "
                 f"stopwaitsecs ({self.stopwaitsecs} s)"
             )
         return self
+
+    def budget_s(self) -> float:
+        """Worst-case shutdown time before the database closes (two cancellation stages)."""
+        return (
+            self.drain_timeout_s
+            + 2 * self.cancel_timeout_s
+            + self.pool_timeout_s
+            + self.database_timeout_s
+        )
+
+
+class ReportConfig(_Section):
+    """The night report (``huntsman report``), optionally written after each night."""
+
+    auto: bool = Field(True, description="write the previous night's report once it is over")
+    hour_utc: int = Field(
+        22, ge=0, le=23, description="UTC hour after which the UTC day's night is over"
+    )
+    worst_n: int = Field(10, ge=1, le=1000, description="worst frames listed")
+
+
+class HttpConfig(_Section):
+    """Built-in status page, /healthz and /metrics (off by default)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535, description="0 picks a free port")
+    db_timeout_s: float = Field(1.0, gt=0, description="/healthz: database ping deadline")
+    pool_timeout_s: float = Field(2.0, gt=0, description="/healthz: trivial pool job deadline")
+    max_loop_lag_s: float = Field(1.0, gt=0, description="/healthz: event-loop lag limit")
 
 
 class ServiceConfig(_Section):
@@ -157,11 +303,16 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     pool: PoolConfig = PoolConfig()
     watcher: WatcherConfig = WatcherConfig()
+    astrometry: AstrometryConfig = AstrometryConfig()
     ingest: IngestConfig = IngestConfig()
     detector: DetectorConfig = DetectorConfig()
+    calib: CalibConfig = CalibConfig()
+    qc: QCConfig = QCConfig()
     cameras: tuple[CameraConfig, ...] = ()
     shutdown: ShutdownConfig = ShutdownConfig()
     service: ServiceConfig = ServiceConfig()
+    report: ReportConfig = ReportConfig()
+    http: HttpConfig = HttpConfig()
 
     @field_validator("cameras")
     @classmethod

@@ -147,9 +147,19 @@ class ServiceHandle:
         return self
 
     async def shutdown(self) -> int:
+        """Stop the service; a shutdown that hangs fails with every task's stack."""
         assert self.task is not None
         self.stop.set()
-        return await asyncio.wait_for(self.task, 30)
+        done, _ = await asyncio.wait({self.task}, timeout=30)
+        if not done:
+            import io
+
+            stacks = io.StringIO()
+            for task in asyncio.all_tasks():
+                print(f"--- {task.get_name()}", file=stacks)
+                task.print_stack(file=stacks)
+            raise AssertionError(f"service did not stop within 30 s:\n{stacks.getvalue()}")
+        return self.task.result()
 
 
 @pytest.fixture

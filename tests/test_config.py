@@ -27,7 +27,8 @@ def test_shipped_yaml_sets_every_section() -> None:
 
 
 def test_defaults_live_under_var_dir(tmp_path: Path) -> None:
-    config = load_config(ROOT / "etc" / "huntsman.yaml", environ={"HUNTSMAN_VAR_DIR": "/data/hm"}, root=tmp_path)
+    env = {"HUNTSMAN_VAR_DIR": "/data/hm"}
+    config = load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path)
     assert config.paths.raw_dir == Path("/data/hm/raw")
     assert config.paths.calib_dir == Path("/data/hm/calib")
     assert config.database.embedded.storage_dir == Path("/data/hm/db")
@@ -86,9 +87,7 @@ def test_shutdown_budget_fits_supervisord_stopwaitsecs(tmp_path: Path) -> None:
     parser.read(ROOT / "etc" / "supervisord" / "huntsman.conf")
     stopwaitsecs = parser.getint("program:huntsman", "stopwaitsecs")
     config = load_config(ROOT / "etc" / "huntsman.yaml", environ={}, root=tmp_path)
-    s = config.shutdown
-    budget = s.drain_timeout_s + s.pool_timeout_s + s.database_timeout_s
-    budget += config.database.embedded.stop_timeout_s
+    budget = config.shutdown.budget_s() + config.database.embedded.stop_timeout_s
     assert config.shutdown.stopwaitsecs == stopwaitsecs
     assert budget <= 10 < stopwaitsecs  # the service promises exit within 10 s
     assert parser.get("program:huntsman", "stopsignal") == "TERM"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,7 +35,9 @@ class ServiceProcess:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> ServiceProcess:
-        env = python_env(HUNTSMAN_VAR_DIR=str(self.workdir / "var"), HUNTSMAN_SERVICE__HEARTBEAT_INTERVAL_S="0.5")
+        env = python_env(
+            HUNTSMAN_VAR_DIR=str(self.workdir / "var"), HUNTSMAN_SERVICE__HEARTBEAT_INTERVAL_S="0.5"
+        )
         self.lines = []
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "huntsman", "--config", str(ROOT / "etc" / "huntsman.yaml")],
@@ -89,10 +92,8 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     if uri_state.exists():
         pid = json.loads(uri_state.read_text()).get("pid")
         if pid:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.02) -> float:

@@ -23,7 +23,8 @@ def die() -> None:
 
 @pytest.fixture
 async def pool() -> ComputePool:
-    p = ComputePool(process_pool_factory(2, "forkserver"), max_in_flight=2, job_timeout_s=30, log=get_logger())
+    factory = process_pool_factory(2, "forkserver")
+    p = ComputePool(factory, max_in_flight=2, job_timeout_s=30, log=get_logger())
     yield p
     await p.shutdown(1)
 

@@ -33,7 +33,8 @@ EXPECTED = {
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_real_sample_fields(name: str) -> None:
     path = RAW_SAMPLES / f"{name}.fits"
-    fields = standard_fields(fits.getheader(path), str(path), IngestParams(camera_numbers=(("TESTCAM03", 3),)))
+    params = IngestParams(camera_numbers=(("TESTCAM03", 3),))
+    fields = standard_fields(fits.getheader(path), str(path), params)
     kind, camera, flt, exptime, date_obs, ra, dec, airmass, field = EXPECTED[name]
     assert fields["observation_type"] == kind
     assert fields["camera"] == camera

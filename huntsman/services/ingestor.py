@@ -15,6 +15,8 @@ from typing import Any
 
 from huntsman.config import IngestConfig, WatcherConfig
 from huntsman.models import FileSource, IngestParams, IngestRequest, IngestResult, utcnow
+from huntsman.science.wcs_writer import read_wcs_marker
+from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.exposures import ExposureCollection, FileState
 from huntsman.workers.ingest import ingest_file
 from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
@@ -54,8 +56,10 @@ class FileIngestor:
         self.queue: asyncio.Queue[IngestRequest] = asyncio.Queue(maxsize=config.queue_size)
         self.concurrency = concurrency
         self._log = log.bind(component="ingestor")
-        self._pending: set[str] = set()
-        self._again: set[str] = set()
+        self._pending: set[str] = set()  # queued or in flight
+        self._in_flight: set[str] = set()
+        self._again: set[str] = set()  # completed again while in flight: look once more
+        self._closed: set[str] = set()  # completion event seen while queued from a scan
         self._deferred: set[asyncio.Task[None]] = set()
         self.listeners: list[Listener] = []
         self.counts = {"ok": 0, "failed": 0, "quarantined": 0, "skipped": 0}
@@ -67,7 +71,9 @@ class FileIngestor:
         path = request.path
         if path in self._pending:
             if request.source is FileSource.EVENT:
-                self._again.add(path)  # rewritten while queued: look at it once more
+                # Closed while in flight: its content may have changed, look once more.
+                # Closed while queued from a scan: the queued request needs no settling.
+                (self._again if path in self._in_flight else self._closed).add(path)
             return
         self._pending.add(path)
         await self.queue.put(request)
@@ -83,7 +89,9 @@ class FileIngestor:
 
     async def _consume(self) -> None:
         while True:
+            raise_if_cancelling()
             request = await self.queue.get()
+            self._in_flight.add(request.path)
             try:
                 await self.process(request)
             except asyncio.CancelledError:
@@ -94,10 +102,13 @@ class FileIngestor:
                 self._log.exception("ingest_crashed", filename=request.path)
             finally:
                 self._pending.discard(request.path)
+                self._in_flight.discard(request.path)
+                self._closed.discard(request.path)
                 self.queue.task_done()
-                if request.path in self._again:
-                    self._again.discard(request.path)
-                    await self.submit(IngestRequest(request.path, utcnow(), FileSource.EVENT))
+            # Not in ``finally``: a cancelled consumer must not wait on a full queue.
+            if request.path in self._again:
+                self._again.discard(request.path)
+                await self.submit(IngestRequest(request.path, utcnow(), FileSource.EVENT))
 
     async def _decide(self, request: IngestRequest, state: FileState | None) -> str | None:
         """Why this file must be (re)ingested, or ``None`` to skip it."""
@@ -108,7 +119,11 @@ class FileIngestor:
         ident = await asyncio.to_thread(_identity, request.path)
         same = ident is not None and (ident[0], ident[1]) == (state.file_size, state.file_mtime_ns)
         if state.status == "ok":
-            return None if same or ident is None else "changed"
+            if same or ident is None:
+                return None
+            if await self._own_wcs_write(request.path, state, ident):
+                return None
+            return "changed"
         if state.status == "failed":
             if not same:
                 return "changed"
@@ -117,6 +132,24 @@ class FileIngestor:
             return None
         # quarantined: only new content brings it back
         return None if same else "changed"
+
+    async def _own_wcs_write(
+        self, path: str, state: FileState, ident: tuple[int, int, float]
+    ) -> bool:
+        """Whether a change is the service's own WCS write-back (then only the identity moves).
+
+        The control software never writes the marker keyword, so a file that carries it and
+        whose document has no other solution was rewritten by the solver, not replaced.
+        """
+        try:
+            marker = await asyncio.to_thread(read_wcs_marker, path)
+        except Exception:  # unreadable now: let the ingestion record why
+            return False
+        if marker is None or state.wcs_marker not in (None, marker):
+            return False
+        await self.exposures.set_fields(path, {"file": {"size": ident[0], "mtime_ns": ident[1]}})
+        self.counts["skipped"] += 1
+        return True
 
     async def process(self, request: IngestRequest) -> str | None:
         """Ingest one file; returns the stored status, or ``None`` if skipped."""
@@ -127,7 +160,8 @@ class FileIngestor:
         if reason is None:
             self.counts["skipped"] += 1
             return None
-        if request.source in (FileSource.SCAN, FileSource.RECONCILE) and not request.force:
+        settled = request.force or path in self._closed
+        if request.source in (FileSource.SCAN, FileSource.RECONCILE) and not settled:
             ident = await asyncio.to_thread(_identity, path)
             if ident is not None and time.time() - ident[2] < self.settle_s:
                 self._defer(request)  # possibly still being written; its CLOSE_WRITE may follow

@@ -13,6 +13,7 @@ from pymongo import AsyncMongoClient
 
 from huntsman.config import DatabaseConfig
 from huntsman.models import utcnow
+from huntsman.store.calibs import CalibCollection
 from huntsman.store.embedded import EmbeddedServer, find_running
 from huntsman.store.exposures import ExposureCollection
 
@@ -59,10 +60,12 @@ class Database:
         self.client = client
         self.db = client[name]
         self.exposures = ExposureCollection(self.db["exposures"])
+        self.calibs = CalibCollection(self.db["calibs"], self.db["calib_status"])
         self.services = ServiceRegistry(self.db["service"])
 
     async def ensure_indexes(self) -> None:
         await self.exposures.ensure_indexes()
+        await self.calibs.ensure_indexes()
 
     async def ping(self) -> bool:
         await self.client.admin.command("ping")

@@ -70,6 +70,9 @@ class ExposureCollection:
                 ),
                 IndexModel([("calib_date", ASCENDING)], name="calib_date"),
                 IndexModel([("qc.status", ASCENDING)], name="qc_status"),
+                IndexModel([("qc.calibs.bias", ASCENDING)], name="qc_calibs_bias", sparse=True),
+                IndexModel([("qc.calibs.dark", ASCENDING)], name="qc_calibs_dark", sparse=True),
+                IndexModel([("qc.calibs.flat", ASCENDING)], name="qc_calibs_flat", sparse=True),
                 IndexModel([("wcs.status", ASCENDING)], name="wcs_status"),
                 IndexModel([("date_obs", DESCENDING)], name="date_obs_desc"),
             ]

@@ -1,0 +1,347 @@
+"""QualityMonitor: every science frame calibrated and measured once per calibration set.
+
+Triggers: the CalibService hand-off (:meth:`QualityMonitor.on_master_built`), the PlateSolver
+listener (:meth:`QualityMonitor.on_wcs_final`: a frame's ``wcs.status`` became solved, failed or
+skipped), a start-up sweep and a periodic sweep (``qc.sweep_interval_s``).  All state is on the
+exposure document (``qc.status``: ``waiting_calibs`` | ``done`` | ``failed``), so a restart
+needs nothing else:
+
+- a frame without a complete calibration set is marked ``waiting_calibs`` with the reason and
+  left alone: the master that completes its set hands it over (no retry loop);
+- a frame is *up to date* when ``qc.status`` is ``done`` with the masters
+  :meth:`CalibCollection.match` picks now and the same ``wcs.status``; it is not measured again
+  (unless forced);
+- a failed frame (unreadable, worker crash or timeout) is retried by the sweeps until
+  ``qc.max_tries``;
+- a master that supersedes one a frame used re-queues that frame.
+
+Queue-full policy: the queue is bounded (``qc.queue_size``); a frame that does not fit is
+dropped from the queue and found by the next sweep (its document says what it needs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from huntsman import __version__
+from huntsman.config import DetectorConfig, PathsConfig, QCConfig
+from huntsman.models import utcnow
+from huntsman.science.provenance import Provenance, config_hash
+from huntsman.science.refcat import CatalogueSpec
+from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument
+from huntsman.store.exposures import ExposureCollection, ExposureDocument
+from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
+from huntsman.workers.qc import DetectorConstants, GradeThresholds, QCJob, QCOutcome, qc_frame
+
+__all__ = ["QualityMonitor", "calibrated_path", "catalogue_spec"]
+
+FINAL_WCS = ("solved", "failed", "skipped")
+_CALIB_FIELDS = tuple(f"qc.calibs.{t}" for t in CALIB_TYPES)
+
+
+def catalogue_spec(config: QCConfig) -> CatalogueSpec:
+    """The reference-catalogue columns and cuts of the ``qc`` config section."""
+    mag_range = None
+    if config.refcat_mag_min is not None and config.refcat_mag_max is not None:
+        mag_range = (config.refcat_mag_min, config.refcat_mag_max)
+    return CatalogueSpec(
+        format=config.refcat_format,
+        ra_column=config.refcat_ra_column,
+        dec_column=config.refcat_dec_column,
+        mag_columns=config.refcat_mag_columns,
+        err_columns=config.refcat_err_columns,
+        stellarity_column=config.refcat_stellarity_column,
+        min_stellarity=config.refcat_min_stellarity,
+        flags_column=config.refcat_flags_column,
+        flags_allowed=config.refcat_flags_allowed,
+        mag_range=mag_range,
+        min_separation_arcsec=config.refcat_min_separation_arcsec,
+    )
+
+
+def calibrated_path(calibrated_dir: Path, doc: ExposureDocument) -> Path:
+    """``<calibrated_dir>/<night>/<camera>/<raw stem>_cal.fits``."""
+    name = Path(doc["filename"]).name
+    for suffix in (".fits.fz", ".fits", ".fit", ".fts"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    night = str(doc.get("calib_date") or "unknown-date")
+    camera = str(doc.get("camera") or "unknown-camera")
+    return calibrated_dir / night / camera / f"{name}_cal.fits"
+
+
+class QualityMonitor:
+    """Calibrates science frames and records their image-quality numbers (``qc.*``)."""
+
+    def __init__(
+        self,
+        exposures: ExposureCollection,
+        calibs: CalibCollection,
+        pool: ComputePool,
+        config: QCConfig,
+        detector: DetectorConfig,
+        paths: PathsConfig,
+        log: Any,
+    ) -> None:
+        self.exposures = exposures
+        self.calibs = calibs
+        self.pool = pool
+        self.config = config
+        self.paths = paths
+        self._log = log.bind(component="quality")
+        self.detector = DetectorConstants(
+            saturation_adu=detector.saturation_adu,
+            gain_e_per_adu=detector.gain_e_per_adu,
+            read_noise_e=detector.read_noise_e,
+            bias_level_adu=detector.bias_level_adu,
+            pixel_scale_arcsec=detector.pixel_scale_arcsec,
+        )
+        self.spec = catalogue_spec(config)
+        self.provenance = Provenance(__version__, config_hash(config))
+        self.queue: asyncio.Queue[tuple[str, bool]] = asyncio.Queue(maxsize=config.queue_size)
+        self._queued: set[str] = set()
+        self._busy: set[str] = set()
+        self.counts: Counter[str] = Counter()
+
+    # -- intake -------------------------------------------------------------------------
+    def offer(self, filename: str, *, force: bool = False) -> bool:
+        """Queue a frame; False if it is already queued or the queue is full (sweeps find it)."""
+        if filename in self._queued:
+            return False
+        try:
+            self.queue.put_nowait((filename, force))
+        except asyncio.QueueFull:
+            self.counts["queue_full"] += 1
+            return False
+        self._queued.add(filename)
+        return True
+
+    async def on_master_built(self, master: CalibDocument, filenames: list[str]) -> None:
+        """CalibService hand-off: frames this master completes, and frames that used a master
+        it superseded."""
+        for filename in filenames:
+            self.offer(filename)
+        old = [d["filename"] async for d in self.calibs.find({"superseded_by": master["filename"]})]
+        await self.requeue_superseded(old)
+
+    async def on_wcs_final(self, filename: str, status: str) -> None:
+        """PlateSolver listener: the frame's ``wcs.status`` is final (solved/failed/skipped)."""
+        if status in FINAL_WCS:
+            self.offer(filename)
+
+    async def requeue_superseded(self, masters: Iterable[str]) -> int:
+        """Queue the frames measured with any of these (superseded) masters."""
+        names = sorted(set(masters))
+        if not names:
+            return 0
+        query = {"$or": [{f: {"$in": names}} for f in _CALIB_FIELDS]}
+        n = 0
+        async for doc in self.exposures.find(query, projection={"_id": 0, "filename": 1}):
+            n += self.offer(doc["filename"])
+        if n:
+            self._log.info("qc_requeued_superseded", frames=n, masters=names)
+        return n
+
+    async def sweep(self, *, retry_failed: bool = True) -> int:
+        """Queue science frames needing QC: never measured, waiting for calibrations, failed
+        (fewer than ``max_tries``), or measured with a master since superseded."""
+        needs: list[dict[str, Any]] = [
+            {"qc.status": {"$exists": False}},
+            {"qc.status": "waiting_calibs"},
+        ]
+        if retry_failed:
+            needs.append({"qc.status": "failed", "qc.tries": {"$lt": self.config.max_tries}})
+        query = {"observation_type": "science", "ingest.status": "ok",
+                 "wcs.status": {"$in": list(FINAL_WCS)}, "$or": needs}
+        n = 0
+        async for doc in self.exposures.find(query, projection={"_id": 0, "filename": 1}):
+            if self.queue.full():
+                break
+            n += self.offer(doc["filename"])
+        superseded = [d["filename"] async for d in self.calibs.find({"superseded": True})]
+        n += await self.requeue_superseded(superseded)
+        if n:
+            self._log.info("qc_sweep", queued=n)
+        return n
+
+    def state(self) -> dict[str, Any]:
+        return {"queue": self.queue.qsize(), "busy": len(self._busy), "counts": dict(self.counts)}
+
+    # -- loop -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Start-up sweep, then the periodic sweep and the consumers."""
+        await self.sweep(retry_failed=True)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._periodic_sweep(), name="qc-sweep")
+            for n in range(self.config.concurrency):
+                group.create_task(self._consume(), name=f"qc-{n}")
+
+    async def _periodic_sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            await self.sweep(retry_failed=True)
+
+    async def _consume(self) -> None:
+        while True:
+            filename, force = await self.queue.get()
+            self._queued.discard(filename)
+            try:
+                await self.process(filename, force=force)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad frame never stops the service
+                self._log.exception("qc_crashed", filename=filename)
+            finally:
+                self.queue.task_done()
+
+    def idle(self) -> bool:
+        return self.queue.empty() and not self._busy
+
+    async def drain(self, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.queue.join(), timeout_s)
+            return True
+        return False
+
+    # -- one frame ----------------------------------------------------------------------
+    async def process(self, filename: str, *, force: bool = False) -> str | None:
+        """Measure one frame if it needs it (or ``force``); returns the new ``qc.status``, or
+        None when nothing was done (not a usable science frame, WCS pending, up to date,
+        failed ``max_tries`` times, or being processed already)."""
+        if filename in self._busy:
+            return None
+        self._busy.add(filename)
+        try:
+            return await self._process(filename, force)
+        finally:
+            self._busy.discard(filename)
+
+    async def _process(self, filename: str, force: bool) -> str | None:
+        doc = await self.exposures.get(filename)
+        if doc is None or doc.get("observation_type") != "science":
+            return None
+        if (doc.get("ingest") or {}).get("status") != "ok":
+            return None
+        wcs = doc.get("wcs") or {}
+        if wcs.get("status") not in FINAL_WCS and not force:
+            return None  # the solver's listener brings it back
+        qc = doc.get("qc") or {}
+        log = self._log.bind(filename=filename, camera=doc.get("camera"))
+        chosen = await self.calibs.match(
+            doc.get("camera") or "", doc.get("physical_filter"), doc["date_obs"],
+            ccd_temp=doc.get("ccd_temp"),
+        )
+        if chosen is None:
+            reason = await self._missing_reason(doc)
+            if qc.get("status") != "waiting_calibs" or qc.get("error") != reason:
+                await self.exposures.set_fields(filename, {"qc": {
+                    "status": "waiting_calibs", "error": reason, "tries": 0, "calibs": None,
+                    "date_checked": utcnow()}})
+                log.info("qc_waiting_calibs", reason=reason)
+            self.counts["waiting_calibs"] += 1
+            return "waiting_calibs"
+        calibs = {k: d["filename"] for k, d in chosen.items()}
+        same_inputs = qc.get("calibs") == calibs and qc.get("wcs_status") == wcs.get("status")
+        if not force:
+            if qc.get("status") == "done" and same_inputs:
+                return None
+            exhausted = int(qc.get("tries") or 0) >= self.config.max_tries
+            if qc.get("status") == "failed" and same_inputs and exhausted:
+                return None
+        tries = (int(qc.get("tries") or 0) if same_inputs and qc.get("status") == "failed" else 0) + 1
+        job = self._job(doc, calibs)
+        self.counts["attempts"] += 1
+        log.info("qc_started", tries=tries, calibs=calibs)
+        start = time.perf_counter()
+        try:
+            outcome: QCOutcome = await self.pool.run(
+                qc_frame, filename, job, timeout_s=self.config.job_timeout_s
+            )
+        except (JobTimeout, PoolBroken) as exc:
+            outcome = QCOutcome("failed", str(exc), {}, {}, None, (), None, time.perf_counter() - start)
+        except Exception as exc:  # a bug in the worker: recorded like any failure
+            outcome = QCOutcome("failed", f"{type(exc).__name__}: {exc}", {}, {}, None, (), None,
+                                time.perf_counter() - start)
+        now = utcnow()
+        record = {
+            **outcome.metrics,
+            "status": outcome.status,
+            "error": outcome.error,
+            "failed": outcome.failed,
+            "tries": tries,
+            "duration_s": outcome.duration_s,
+            "calibs": calibs,
+            "wcs_status": wcs.get("status"),
+            "grade": outcome.grade,
+            "flags": list(outcome.flags),
+            "calibrated_filename": outcome.calibrated_filename,
+            "filter": doc.get("physical_filter"),
+            "refcat": job.refcat_path,
+            "config_hash": self.provenance.config_hash,
+            "software_version": self.provenance.software_version,
+            "date": now,
+        }
+        await self.exposures.set_fields(filename, {"qc": record, "timing.qc_done": now})
+        self.counts[outcome.status] += 1
+        event = "qc_done" if outcome.status == "done" else "qc_failed"
+        (log.info if outcome.status == "done" else log.warning)(
+            event, duration_s=round(outcome.duration_s, 3), tries=tries, grade=outcome.grade,
+            fwhm_arcsec=outcome.metrics.get("fwhm_arcsec"), zeropoint=outcome.metrics.get("zeropoint"),
+            error=outcome.error,
+        )
+        return outcome.status
+
+    async def _missing_reason(self, doc: ExposureDocument) -> str:
+        camera, physical_filter = doc.get("camera") or "", doc.get("physical_filter")
+        age = self.calibs.max_age_days
+        missing = []
+        for kind in CALIB_TYPES:
+            if kind == "flat" and physical_filter is None:
+                missing.append("flat (frame has no filter)")
+                continue
+            found = await self.calibs.match_one(kind, camera, doc["date_obs"], physical_filter)
+            if found is None:
+                missing.append(kind if kind != "flat" else f"flat {physical_filter}")
+        return f"waiting for master {', '.join(missing)} of {camera} within {age:g} days"
+
+    def _job(self, doc: ExposureDocument, calibs: dict[str, str]) -> QCJob:
+        wcs = doc.get("wcs") or {}
+        solved = wcs.get("status") == "solved" and wcs.get("header")
+        note = None if solved else f"plate solution {wcs.get('status')}: {wcs.get('error')}"
+        physical_filter = doc.get("physical_filter")
+        c = self.config
+        nominal = c.nominal_zeropoint.get(f"{doc.get('camera')}/{physical_filter}",
+                                          c.nominal_zeropoint.get(str(physical_filter)))
+        out = calibrated_path(self.paths.calibrated_dir, doc) if c.write_calibrated else None
+        return QCJob(
+            bias_path=calibs["bias"],
+            dark_path=calibs["dark"],
+            flat_path=calibs["flat"],
+            exptime_s=float(doc.get("exposure_time") or 0.0),
+            filter_name=physical_filter,
+            wcs_header=wcs.get("header") if solved else None,
+            wcs_note=note,
+            refcat_path=str(c.refcat_path) if c.refcat_path is not None else None,
+            catalogue=self.spec,
+            detector=self.detector,
+            grades=GradeThresholds(
+                fwhm_arcsec_good=c.grade_fwhm_arcsec_good,
+                fwhm_arcsec_bad=c.grade_fwhm_arcsec_bad,
+                zeropoint_drop_mag=c.grade_zeropoint_drop_mag,
+                nominal_zeropoint=nominal,
+                sky_mag_min=c.grade_sky_mag_min,
+                min_stars=c.grade_min_stars,
+            ),
+            out_path=str(out) if out is not None else None,
+            provenance=self.provenance,
+            min_flat_value=c.min_flat_value,
+            psf_max_stars=c.psf_max_stars,
+        )
+

@@ -1,0 +1,242 @@
+"""PlateSolver: every science frame gets a WCS (or a recorded reason why not).
+
+State lives on the exposure document (``wcs.status``: pending → solved | failed | skipped), so
+nothing depends on this process's memory: frames that did not fit in the bounded queue, or
+were in flight at shutdown, are found again by the start-up and periodic sweeps.  A failed
+frame is retried at start-up until ``astrometry.max_tries``, never in a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from huntsman.config import AstrometryConfig, DetectorConfig
+from huntsman.models import utcnow
+from huntsman.science.astrometry import SolveParams, available
+from huntsman.science.wcs_writer import cleanup_temp_files
+from huntsman.services.tasks import raise_if_cancelling
+from huntsman.store.exposures import ExposureCollection
+from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
+from huntsman.workers.solve import SolveJob, SolveOutcome, solve_file
+
+__all__ = ["PlateSolver", "WcsListener"]
+
+# Called with (filename, wcs status) once a frame's solved/failed/skipped outcome is recorded.
+WcsListener = Callable[[str, str], Awaitable[None]]
+
+
+class PlateSolver:
+    """Consumes science frames waiting for a plate solution."""
+
+    def __init__(
+        self,
+        exposures: ExposureCollection,
+        pool: ComputePool,
+        config: AstrometryConfig,
+        detector: DetectorConfig,
+        *,
+        raw_dir: Path,
+        extra_index_dir: Path,
+        log: Any,
+    ) -> None:
+        self.exposures = exposures
+        self.pool = pool
+        self.config = config
+        self.raw_dir = raw_dir
+        self._log = log.bind(component="solver")
+        self.extra_index_dir = extra_index_dir
+        self.params = SolveParams(
+            pixel_scale_arcsec=detector.pixel_scale_arcsec,
+            scale_tolerance=config.scale_tolerance,
+            cpu_limit_s=config.cpu_limit_s,
+            timeout_s=config.timeout_s,
+            index_dirs=tuple(str(p) for p in config.index_dirs),
+            search_radius_deg=config.search_radius_deg,
+            max_sources=config.max_sources,
+            blind_fallback=config.blind_fallback,
+        )
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=config.queue_size)
+        self._queued: set[str] = set()
+        self.usable, self.unusable_reason = False, "not checked"
+        self.counts = {"solved": 0, "failed": 0, "skipped": 0}
+        self.listeners: list[WcsListener] = []
+
+    async def check_available(self) -> bool:
+        if not self.config.enabled:
+            self.usable, self.unusable_reason = False, "plate solving disabled in config"
+        else:
+            # Indexes built with `huntsman build-index` join the configured ones (at start-up).
+            if await asyncio.to_thread(self.extra_index_dir.is_dir):
+                extra = str(self.extra_index_dir)
+                dirs = (*self.params.index_dirs, extra)
+                self.params = dataclasses.replace(self.params, index_dirs=dirs)
+            self.usable, reason = await asyncio.to_thread(available, self.params.index_dirs)
+            self.unusable_reason = reason
+        if not self.usable:
+            self._log.warning("astrometry_unavailable", reason=self.unusable_reason)
+        return self.usable
+
+    # -- intake -------------------------------------------------------------------------
+    async def on_ingested(self, filename: str, fields: dict[str, Any]) -> None:
+        """Ingestor listener: science frames wait for a solution (or are skipped, with why)."""
+        if fields.get("observation_type") != "science":
+            return
+        if not self.usable:
+            await self.exposures.set_fields(
+                filename, {"wcs": {"status": "skipped", "error": self.unusable_reason}}
+            )
+            self.counts["skipped"] += 1
+            await self._notify(filename, "skipped")
+            return
+        await self.exposures.set_fields(filename, {"wcs": {"status": "pending", "tries": 0}})
+        self._offer(filename)
+
+    def _offer(self, filename: str) -> None:
+        if filename in self._queued:
+            return
+        try:
+            self.queue.put_nowait(filename)
+        except asyncio.QueueFull:
+            return  # left pending on its document: the next sweep finds it
+        self._queued.add(filename)
+
+    async def sweep(self, *, retry_failed: bool) -> int:
+        """Queue science frames whose solution is pending (and, at start-up, failed ones)."""
+        waiting: list[dict[str, Any]] = [{"wcs": {"$exists": False}}, {"wcs.status": "pending"}]
+        if retry_failed:
+            waiting.append({"wcs.status": "failed", "wcs.tries": {"$lt": self.config.max_tries}})
+        query = {"observation_type": "science", "ingest.status": "ok", "$or": waiting}
+        n = 0
+        async for doc in self.exposures.find(query, projection={"filename": 1, "_id": 0}):
+            if self.queue.full():
+                break
+            self._offer(doc["filename"])
+            n += 1
+        if n:
+            self._log.info("solve_sweep", queued=n, retry_failed=retry_failed)
+        return n
+
+    # -- processing ---------------------------------------------------------------------
+    async def run(self) -> None:
+        if not await self.check_available():
+            return
+        removed = await asyncio.to_thread(cleanup_temp_files, self.raw_dir)
+        if removed:
+            self._log.info("wcs_temp_files_removed", files=[str(p) for p in removed])
+        await self.sweep(retry_failed=True)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._periodic_sweep(), name="solver-sweep")
+            for n in range(self.config.concurrency):
+                group.create_task(self._consume(), name=f"solver-{n}")
+
+    async def _periodic_sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            await self.sweep(retry_failed=False)
+
+    async def _consume(self) -> None:
+        while True:
+            raise_if_cancelling()
+            filename = await self.queue.get()
+            try:
+                await self.solve(filename)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._log.exception("solve_crashed", filename=filename)
+            finally:
+                self._queued.discard(filename)
+                self.queue.task_done()
+
+    async def solve(self, filename: str) -> str | None:
+        """Solve one frame and record the outcome; returns the new ``wcs.status``."""
+        doc = await self.exposures.get(filename)
+        if doc is None or doc.get("observation_type") != "science":
+            return None
+        wcs = doc.get("wcs") or {}
+        if wcs.get("status") == "solved":
+            return None
+        tries = int(wcs.get("tries") or 0) + 1
+        job = SolveJob(
+            params=self.params,
+            write_wcs=self.config.write_wcs,
+            hint_ra_deg=doc.get("ra"),
+            hint_dec_deg=doc.get("dec"),
+            date_obs=doc.get("date_obs"),
+        )
+        log = self._log.bind(filename=filename, camera=doc.get("camera"))
+        try:
+            outcome: SolveOutcome | None = await self.pool.run(
+                solve_file, filename, job, timeout_s=self.config.timeout_s + 30
+            )
+            error = outcome.error if outcome is not None else "no outcome"
+        except (JobTimeout, PoolBroken) as exc:
+            outcome, error = None, str(exc)
+        now = utcnow()
+        update: dict[str, Any] = {"timing.solved": now}
+        if outcome is not None and error is None:
+            result = outcome.result
+            update["wcs"] = {
+                "status": "solved",
+                "tries": tries,
+                "error": None,
+                "header": result.header,
+                "ra_center": result.ra_center,
+                "dec_center": result.dec_center,
+                "pixel_scale_arcsec": result.pixel_scale_arcsec,
+                "rotation_deg": result.rotation_deg,
+                "solve_time_s": result.solve_time_s,
+                "index_used": result.index_used,
+                "n_matched": result.n_matched,
+                "residual_arcsec": result.residual_arcsec,
+                "pointing_offset_arcsec": result.pointing_offset_arcsec,
+                "blind": result.blind,
+                "marker": outcome.marker,
+                "written_to_file": outcome.wrote_wcs or bool(doc.get("wcs", {}).get("written_to_file")),
+            }
+            update["pointing"] = outcome.pointing
+            if outcome.file_size is not None:
+                update["file"] = {"size": outcome.file_size, "mtime_ns": outcome.file_mtime_ns}
+            status = "solved"
+            log.info(
+                "frame_solved",
+                duration_s=round(outcome.duration_s, 2),
+                ra=result.ra_center,
+                dec=result.dec_center,
+                pointing_offset_arcsec=result.pointing_offset_arcsec,
+                wrote_wcs=outcome.wrote_wcs,
+            )
+        else:
+            status = "failed"
+            update["wcs"] = {
+                "status": "failed",
+                "tries": tries,
+                "error": error,
+                "solve_time_s": outcome.result.solve_time_s if outcome is not None else None,
+            }
+            log.warning("solve_failed", error=error, tries=tries)
+        self.counts[status] += 1
+        await self.exposures.set_fields(filename, update)
+        await self._notify(filename, status)
+        return status
+
+    async def _notify(self, filename: str, status: str) -> None:
+        for listener in self.listeners:
+            try:
+                await listener(filename, status)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a listener's bug never loses the recorded solution
+                self._log.exception("wcs_listener_failed", filename=filename)
+
+    async def drain(self, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.queue.join(), timeout_s)
+            return True
+        return False
+

@@ -1,0 +1,324 @@
+"""The quality-control job run in pool workers: calibrate a raw science frame with its masters,
+write the calibrated frame (optional), measure PSF, sky, zeropoint and depth, and grade it.
+
+Paths and a small frozen :class:`QCJob` in, a small :class:`QCOutcome` out.  Never raises for a
+bad frame: a measurement that cannot be made is ``None`` with its reason in ``failed``, and
+every other measurement is kept.  Only an unreadable raw frame or master (or one of the wrong
+shape) fails the whole job (``status == "failed"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from huntsman.science.calibration import calibrate
+from huntsman.science.fitsio import read_raw, write_fits_atomic
+from huntsman.science.photometry import PhotometryParams, PhotometryResult, measure_photometry
+from huntsman.science.provenance import Provenance, stamp_header
+from huntsman.science.psf import PSFResult, measure_psf
+from huntsman.science.refcat import CatalogueSpec, load_catalogue
+
+__all__ = [
+    "DetectorConstants",
+    "GradeThresholds",
+    "QCJob",
+    "QCOutcome",
+    "grade",
+    "load_master_image",
+    "qc_frame",
+]
+
+# Pipeline masters may be one row/column larger than the raw frame (LSST ExposureF: 801x801
+# for an 800x800 raw); a larger mismatch is an error.
+_MAX_CROP_PX = 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DetectorConstants:
+    """Nominal detector constants (from the ``detector`` config section)."""
+
+    saturation_adu: float = 4094.0
+    gain_e_per_adu: float = 1.145
+    read_noise_e: float = 2.4
+    bias_level_adu: float = 32.0
+    pixel_scale_arcsec: float = 1.24
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GradeThresholds:
+    """Limits that turn measurements into a grade and flags (see :func:`grade`)."""
+
+    fwhm_arcsec_good: float = 3.5
+    fwhm_arcsec_bad: float = 5.0
+    zeropoint_drop_mag: float = 0.5
+    nominal_zeropoint: float | None = None
+    sky_mag_min: float = 18.0
+    min_stars: int = 10
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QCJob:
+    """What a worker needs to measure one science frame."""
+
+    bias_path: str
+    dark_path: str
+    flat_path: str
+    exptime_s: float
+    filter_name: str | None
+    wcs_header: Mapping[str, Any] | None
+    wcs_note: str | None  # why there is no WCS (plate solution failed/skipped), for the record
+    refcat_path: str | None
+    catalogue: CatalogueSpec
+    detector: DetectorConstants
+    grades: GradeThresholds
+    out_path: str | None  # calibrated frame, or None not to write one
+    provenance: Provenance
+    min_flat_value: float = 0.2
+    psf_max_stars: int = 150
+    photometry: PhotometryParams = dataclasses.field(default_factory=PhotometryParams)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QCOutcome:
+    """``status`` done|failed, the ``qc.*`` measurements (plain numbers or None), the reasons
+    for missing ones (``failed``: {measurement: reason}), grade and flags."""
+
+    status: str
+    error: str | None
+    metrics: dict[str, Any]
+    failed: dict[str, str]
+    grade: str | None
+    flags: tuple[str, ...]
+    calibrated_filename: str | None
+    duration_s: float
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def load_master_image(path: str | Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A master's image (float32) and bad-pixel mask (bool), cut to the raw ``shape``.
+
+    Reads both the masters written by :mod:`huntsman.science.masters` (image in the primary
+    HDU, ``MASK`` extension: non-zero is bad) and the original pipeline's LSST ``ExposureF``
+    masters (empty primary, image in HDU 1; their ``MASK`` bit planes are not used).
+    """
+    with fits.open(path) as hdul:
+        index = next(
+            (i for i, h in enumerate(hdul) if h.header.get("NAXIS", 0) == 2 and h.data is not None),
+            None,
+        )
+        if index is None:
+            raise ValueError(f"{path}: no 2-D image")
+        image = np.asarray(hdul[index].data, dtype=np.float32)
+        native = index == 0 and "MASK" in hdul
+        mask = np.asarray(hdul["MASK"].data) != 0 if native else np.zeros(image.shape, bool)
+    ny, nx = shape
+    dy, dx = image.shape[0] - ny, image.shape[1] - nx
+    if not (0 <= dy <= _MAX_CROP_PX and 0 <= dx <= _MAX_CROP_PX):
+        raise ValueError(f"{path}: master shape {image.shape} does not fit the raw shape {shape}")
+    return image[:ny, :nx], mask[:ny, :nx]
+
+
+def _wcs_of(header: Mapping[str, Any] | None) -> WCS | None:
+    if not header:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        wcs = WCS(fits.Header(dict(header)))
+    return wcs if wcs.has_celestial else None
+
+
+def _scale_of(wcs: WCS | None, nominal: float) -> float:
+    if wcs is None:
+        return nominal
+    return float(np.sqrt(np.prod(proj_plane_pixel_scales(wcs.celestial))) * 3600.0)
+
+
+def grade(metrics: Mapping[str, Any], g: GradeThresholds) -> tuple[str, tuple[str, ...]]:
+    """Grade (``good``, ``fair`` or ``bad``) and flags of a frame's measurements.
+
+    ``bad``: no PSF, FWHM above ``fwhm_arcsec_bad``, or zeropoint more than
+    ``zeropoint_drop_mag`` below the nominal (cloud).  ``fair``: FWHM above
+    ``fwhm_arcsec_good``, sky brighter than ``sky_mag_min``, fewer than ``min_stars`` PSF stars,
+    or no zeropoint.  Otherwise ``good``.
+    """
+    flags: list[str] = []
+    bad = fair = False
+    fwhm = metrics.get("fwhm_arcsec")
+    if fwhm is None:
+        flags.append("no_psf")
+        bad = True
+    elif fwhm > g.fwhm_arcsec_bad:
+        flags.append("fwhm_very_high")
+        bad = True
+    elif fwhm > g.fwhm_arcsec_good:
+        flags.append("fwhm_high")
+        fair = True
+    if int(metrics.get("n_psf_stars") or 0) < g.min_stars:
+        flags.append("few_stars")
+        fair = True
+    zp = metrics.get("zeropoint")
+    if zp is None:
+        flags.append("no_zeropoint")
+        fair = True
+    elif g.nominal_zeropoint is not None and g.nominal_zeropoint - zp > g.zeropoint_drop_mag:
+        flags.append("zeropoint_low")
+        bad = True
+    sky_mag = metrics.get("sky_mag_arcsec2")
+    if sky_mag is not None and sky_mag < g.sky_mag_min:
+        flags.append("sky_bright")
+        fair = True
+    if metrics.get("wcs") is False:
+        flags.append("no_wcs")
+    return ("bad" if bad else "fair" if fair else "good"), tuple(flags)
+
+
+def _psf_metrics(psf: PSFResult, scale: float) -> dict[str, Any]:
+    grid = [[None if v is None else _num(v * scale) for v in row] for row in psf.grid_fwhm_px]
+    cells = [v for row in grid for v in row if v is not None]
+    variation = None
+    if len(cells) >= 2 and psf.fwhm_arcsec:
+        variation = _num(100.0 * (max(cells) - min(cells)) / psf.fwhm_arcsec)
+    return {
+        "fwhm_px": _num(psf.fwhm_px),
+        "fwhm_arcsec": _num(psf.fwhm_px * scale) if psf.fwhm_px is not None else None,
+        "fwhm_scatter_px": _num(psf.fwhm_scatter_px),
+        "ellipticity": _num(psf.ellipticity),
+        "psf_beta": _num(psf.beta),
+        "n_psf_stars": int(psf.n_stars),
+        "fwhm_grid_arcsec": grid,
+        "fwhm_variation_pct": variation,
+    }
+
+
+def _phot_metrics(r: PhotometryResult) -> dict[str, Any]:
+    return {
+        "sky_adu": _num(r.sky_adu),
+        "sky_rms_adu": _num(r.sky_rms_adu),
+        "sky_mag_arcsec2": _num(r.sky_mag_arcsec2),
+        "zeropoint": _num(r.zeropoint),
+        "zeropoint_err": _num(r.zeropoint_err),
+        "n_zeropoint_stars": int(r.n_zeropoint_stars),
+        "limiting_mag_5sigma": _num(r.limiting_mag_5sigma),
+        "aperture_correction_mag": _num(r.aperture_correction_mag),
+        "astrometric_median_arcsec": _num(r.astrometric_median_arcsec),
+        "astrometric_rms_arcsec": _num(r.astrometric_rms_arcsec),
+        "n_astrometric_stars": int(r.n_astrometric_stars),
+        "n_catalogue_in_field": int(r.n_catalogue_in_field),
+    }
+
+
+def _write_calibrated(
+    path: str, data: np.ndarray, mask: np.ndarray, raw_header: fits.Header, wcs: WCS | None,
+    raw_path: str, job: QCJob,
+) -> str:
+    header = raw_header.copy()
+    for key in ("BZERO", "BSCALE", "BLANK"):
+        header.remove(key, ignore_missing=True)
+    if wcs is not None:
+        header.update(wcs.to_header(relax=True))
+    header["BUNIT"] = ("adu", "calibrated: (raw - bias - dark*t) / flat")
+    header = stamp_header(
+        header, job.provenance, [raw_path],
+        {"bias": job.bias_path, "dark": job.dark_path, "flat": job.flat_path},
+    )
+    primary = fits.PrimaryHDU(data=np.asarray(data, dtype=np.float32), header=header)
+    mask_hdu = fits.ImageHDU(data=mask.astype(np.uint8), name="MASK")
+    write_fits_atomic(path, fits.HDUList([primary, mask_hdu]))
+    return path
+
+
+def _failed(reason: str, start: float) -> QCOutcome:
+    return QCOutcome("failed", reason, {}, {}, None, (), None, time.perf_counter() - start)
+
+
+def qc_frame(path: str, job: QCJob) -> QCOutcome:
+    """Calibrate and measure one raw science frame; never raises for a bad frame."""
+    start = time.perf_counter()
+    try:
+        raw, raw_header = read_raw(path)
+        bias, bias_bad = load_master_image(job.bias_path, raw.shape)
+        dark, dark_bad = load_master_image(job.dark_path, raw.shape)
+        flat, flat_bad = load_master_image(job.flat_path, raw.shape)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        return _failed(f"cannot read frame or masters: {exc}", start)
+    if not job.exptime_s > 0:
+        return _failed(f"exposure time must be positive, got {job.exptime_s}", start)
+    det = job.detector
+    bad = bias_bad | dark_bad | flat_bad | ~(flat >= job.min_flat_value)
+    cal = calibrate(raw, job.exptime_s, bias, dark, flat, saturation_adu=det.saturation_adu,
+                    bad_mask=bad)
+    del raw, bias, dark, flat
+    failed: dict[str, str] = {}
+    wcs = _wcs_of(job.wcs_header)
+    scale = _scale_of(wcs, det.pixel_scale_arcsec)
+    metrics: dict[str, Any] = {"pixel_scale_arcsec": scale, "wcs": wcs is not None,
+                               "masked_fraction": float(np.mean(cal.mask))}
+    if wcs is None:
+        failed["wcs"] = job.wcs_note or "no plate solution"
+
+    try:
+        # Unmasked: saturated stars must keep their high peaks to be rejected as such.
+        psf = measure_psf(
+            cal.data, saturation_adu=det.saturation_adu - det.bias_level_adu,
+            gain_e_per_adu=det.gain_e_per_adu, pixel_scale_arcsec=scale,
+            max_stars=job.psf_max_stars,
+        )
+        metrics.update(_psf_metrics(psf, scale))
+        if psf.error:
+            failed["psf"] = psf.error
+    except Exception as exc:  # one measurement failing keeps the others
+        metrics.update({"fwhm_px": None, "fwhm_arcsec": None, "n_psf_stars": 0})
+        failed["psf"] = f"{type(exc).__name__}: {exc}"
+
+    catalogue = None
+    if job.refcat_path is None:
+        failed["zeropoint"] = "no reference catalogue configured (qc.refcat_path)"
+    elif wcs is not None:
+        try:
+            catalogue = load_catalogue(job.refcat_path, job.catalogue)
+        except (OSError, ValueError) as exc:
+            failed["zeropoint"] = f"reference catalogue: {exc}"
+    try:
+        phot = measure_photometry(
+            cal.data, cal.mask, exptime_s=job.exptime_s, wcs=wcs, catalogue=catalogue,
+            filter_name=job.filter_name or "", fwhm_px=metrics.get("fwhm_px"),
+            pixel_scale_arcsec=scale, gain_e_per_adu=det.gain_e_per_adu,
+            read_noise_e=det.read_noise_e, params=job.photometry,
+        )
+        metrics.update(_phot_metrics(phot))
+        if phot.error and "zeropoint" not in failed:
+            reason = phot.error
+            if wcs is None and job.wcs_note:
+                reason = f"no WCS ({job.wcs_note}): zeropoint not measured"
+            failed["zeropoint"] = reason
+    except Exception as exc:
+        failed["photometry"] = f"{type(exc).__name__}: {exc}"
+
+    calibrated = None
+    if job.out_path is not None:
+        try:
+            calibrated = _write_calibrated(job.out_path, cal.data, cal.mask, raw_header, wcs,
+                                           path, job)
+        except OSError as exc:
+            failed["calibrated_file"] = f"cannot write {job.out_path}: {exc}"
+    letter, flags = grade(metrics, job.grades)
+    error = "; ".join(f"{k}: {v}" for k, v in failed.items()) or None
+    return QCOutcome("done", error, metrics, failed, letter, flags, calibrated,
+                     time.perf_counter() - start)

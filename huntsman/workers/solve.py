@@ -1,0 +1,106 @@
+"""The plate-solving job run in pool workers: read, extract sources, solve, write the WCS back."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from huntsman.science.astrometry import (
+    SolveParams,
+    SolveResult,
+    extract_sources,
+    pointing_metrics,
+    solve_field,
+)
+from huntsman.science.frames import FrameError, read_frame
+from huntsman.science.wcs_writer import solution_hash, write_wcs_into_raw
+
+__all__ = ["SolveJob", "SolveOutcome", "solve_file"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SolveJob:
+    """What a worker needs to solve one frame."""
+
+    params: SolveParams
+    write_wcs: bool
+    hint_ra_deg: float | None
+    hint_dec_deg: float | None
+    date_obs: dt.datetime | None
+    site: tuple[float, float, float] = (-31.27, 149.07, 1165.0)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SolveOutcome:
+    """The solution (or the reason there is none) and what it did to the raw file."""
+
+    result: SolveResult
+    marker: str | None
+    wrote_wcs: bool
+    pointing: dict[str, Any]
+    file_size: int | None
+    file_mtime_ns: int | None
+    error: str | None
+    duration_s: float
+
+
+def _failed(reason: str, start: float) -> SolveOutcome:
+    result = SolveResult(status="failed", error=reason)
+    return SolveOutcome(result, None, False, {}, None, None, reason, time.perf_counter() - start)
+
+
+def solve_file(path: str, job: SolveJob) -> SolveOutcome:
+    """Solve one raw frame; never raises for a bad frame (the reason is in ``error``)."""
+    start = time.perf_counter()
+    try:
+        frame = read_frame(path)
+    except FrameError as exc:
+        return _failed(f"cannot read frame: {exc}", start)
+    data = np.asarray(frame.data, dtype=np.float32)
+    try:
+        sources = extract_sources(data, max_sources=max(job.params.max_sources * 4, 200))
+    except Exception as exc:  # sep raises plain Exceptions for pathological frames
+        return _failed(f"source extraction failed: {exc}", start)
+    if len(sources[0]) < 8:
+        return _failed(f"too few sources to solve ({len(sources[0])} detected)", start)
+    with tempfile.TemporaryDirectory(prefix="huntsman-solve-") as workdir:
+        result = solve_field(
+            data.shape,
+            sources,
+            hint_ra_deg=job.hint_ra_deg,
+            hint_dec_deg=job.hint_dec_deg,
+            params=job.params,
+            workdir=workdir,
+        )
+    if result.status != "solved":
+        return SolveOutcome(
+            result, None, False, {}, None, None, result.error, time.perf_counter() - start
+        )
+    pointing: dict[str, Any] = {}
+    if job.date_obs is not None:
+        lat, lon, height = job.site
+        metrics = pointing_metrics(
+            result.header,
+            data.shape,
+            job.date_obs,
+            site_lat_deg=lat,
+            site_lon_deg=lon,
+            site_height_m=height,
+            mount_ra_deg=job.hint_ra_deg,
+            mount_dec_deg=job.hint_dec_deg,
+        )
+        pointing = dataclasses.asdict(metrics)
+    marker = solution_hash(result.header)
+    wrote = False
+    if job.write_wcs:
+        wrote = write_wcs_into_raw(path, result.header)
+    st = os.stat(path)
+    return SolveOutcome(
+        result, marker, wrote, pointing, st.st_size, st.st_mtime_ns, None, time.perf_counter() - start
+    )

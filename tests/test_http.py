@@ -1,0 +1,198 @@
+"""The status endpoint: /healthz follows the database, /metrics parses, / shows the frames."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from huntsman.config import HttpConfig, ReportConfig
+from huntsman.logs import get_logger
+from huntsman.report import write_report
+from huntsman.services.http import StatusServer, quantiles
+from huntsman.services.reporter import ReportScheduler
+from huntsman.store.database import Database, connect
+from huntsman.store.embedded import EmbeddedServer, server_command
+from huntsman.workers.pool import ComputePool, process_pool_factory
+from tests.conftest import wait_for
+from tests.nightdata import NIGHT, WORST, insert_night
+
+LOG = get_logger(test="http")
+
+
+async def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 15)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    return status, body.decode("latin-1")
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ComputePool]:
+    pool = ComputePool(process_pool_factory(1, "forkserver"), max_in_flight=2, job_timeout_s=30, log=LOG)
+    yield pool
+    await pool.shutdown(2.0)
+
+
+async def serve(server: StatusServer) -> asyncio.Task[None]:
+    task = asyncio.create_task(server.run(), name="http")
+    await asyncio.wait_for(server.ready.wait(), 10)
+    return task
+
+
+def state() -> dict[str, Any]:
+    return {
+        "ingest_queue": 3,
+        "solve_queue": 1,
+        "qc": {"queue": 2},
+        "counts": {"ok": 40, "failed": 1},
+        "solve_counts": {"solved": 20},
+    }
+
+
+async def test_healthz_follows_the_database(tmp_path: Path, pool: ComputePool) -> None:
+    storage = tmp_path / "db"
+    first = EmbeddedServer(storage, port=0, log=LOG)
+    uri = await first.start()
+    port = first.port
+    database = connect(uri, "health", server_selection_timeout_s=1.0)
+    server = StatusServer(
+        HttpConfig(port=0, db_timeout_s=1.0),
+        database,
+        pool,
+        state=state,
+        reports_dir=tmp_path / "reports",
+        log=LOG,
+    )
+    task = await serve(server)
+    second: asyncio.subprocess.Process | None = None
+    try:
+        status, body = await get(server.port or 0, "/healthz")
+        assert status == 200 and body.startswith("ok"), body
+        assert "database: ok" in body and "pool: ok" in body and "loop: ok" in body
+
+        await first.stop()
+
+        async def unhealthy() -> bool:
+            status, body = await get(server.port or 0, "/healthz")
+            return status == 503 and "database" in body and "database: ok" not in body
+
+        await wait_for(unhealthy, 30, 0.2)
+        status, body = await get(server.port or 0, "/healthz")
+        assert body.startswith("unhealthy") and "pool: ok" in body
+
+        # Same port and storage. Started directly: the launcher's own free-port check refuses a
+        # port with connections in TIME_WAIT, the server itself binds it (SO_REUSEADDR).
+        second = await asyncio.create_subprocess_exec(
+            *server_command(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--storage-path",
+            str(first.data_dir),
+            "--log-level",
+            "WARNING",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+
+        async def healthy() -> bool:
+            return (await get(server.port or 0, "/healthz"))[0] == 200
+
+        await wait_for(healthy, 30, 0.2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await database.close()
+        if second is not None:
+            second.terminate()
+            await asyncio.wait_for(second.wait(), 10)
+        await first.stop()
+
+
+async def test_metrics_and_status_page(database: Database, pool: ComputePool, tmp_path: Path) -> None:
+    await insert_night(database)
+    reports = tmp_path / "reports"
+    await write_report(database, NIGHT, reports / NIGHT)
+    server = StatusServer(HttpConfig(port=0), database, pool, state=state, reports_dir=reports, log=LOG)
+    task = await serve(server)
+    try:
+        status, text = await get(server.port or 0, "/metrics")
+        assert status == 200
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        ingested = {
+            (s.labels["observation_type"], s.labels["status"]): s.value
+            for s in families["huntsman_files_ingested"].samples
+        }
+        # tests/nightdata: 24+4 science ok, 1 science failed, 10 each of bias/dark/flat.
+        assert ingested == {
+            ("science", "ok"): 28,
+            ("science", "failed"): 1,
+            ("bias", "ok"): 10,
+            ("dark", "ok"): 10,
+            ("flat", "ok"): 10,
+        }
+        depths = {s.labels["queue"]: s.value for s in families["huntsman_queue_depth"].samples}
+        assert depths == {"ingest": 3, "solve": 1, "qc": 2}
+        latency = {
+            (s.name, s.labels["stage"], s.labels.get("quantile")): s.value
+            for s in families["huntsman_latency_seconds"].samples
+        }
+        # shutter close -> seen is 3 s and -> ingested 4.2 s for every synthetic frame.
+        assert latency[("huntsman_latency_seconds", "seen", "0.5")] == pytest.approx(3.0)
+        assert latency[("huntsman_latency_seconds", "ingested", "0.9")] == pytest.approx(4.2)
+        assert latency[("huntsman_latency_seconds_count", "qc", None)] == 22 + 3  # qc_done set
+        durations = {
+            (s.name, s.labels["stage"]): s.value for s in families["huntsman_stage_duration_seconds"].samples
+        }
+        assert durations[("huntsman_stage_duration_seconds_count", "ingest")] == 59
+
+        status, page = await get(server.port or 0, "/")
+        assert status == 200 and "huntsman status" in page
+        assert page.count("<tr>") >= 20
+        assert f'href="/reports/{NIGHT}/index.html"' in page
+        assert f'src="/reports/{NIGHT}/camera_TESTCAM01.png"' in page
+        assert "truncated FITS file" in page and "no reference stars matched" in page
+        status, png = await get(server.port or 0, f"/reports/{NIGHT}/camera_TESTCAM01.png")
+        assert status == 200 and png.encode("latin-1").startswith(b"\x89PNG\r\n\x1a\n")
+        assert (await get(server.port or 0, "/reports/../../etc/passwd"))[0] == 404
+        assert (await get(server.port or 0, "/nothing"))[0] == 404
+        assert (await get(server.port or 0, "/", method="POST"))[0] == 405
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_quantiles_are_observed_values() -> None:
+    assert quantiles([4.0, 1.0, 3.0, 2.0], (0.5, 0.9, 0.99)) == {0.5: 2.0, 0.9: 4.0, 0.99: 4.0}
+
+
+async def test_report_scheduler_writes_each_night_once(database: Database, tmp_path: Path) -> None:
+    await insert_night(database)
+    now = [dt.datetime.fromisoformat(f"{NIGHT}T21:30:00+00:00")]
+    config = ReportConfig(auto=True, hour_utc=22, worst_n=3)
+
+    def scheduler() -> ReportScheduler:
+        return ReportScheduler(database, config, tmp_path / "reports", LOG, clock=lambda: now[0])
+
+    first = scheduler()
+    assert [r.night for r in await first.run_once()] == ["2024-05-09"]  # the night before is over
+    now[0] = dt.datetime.fromisoformat(f"{NIGHT}T22:00:30+00:00")
+    [result] = await first.run_once()
+    assert result.night == NIGHT and not result.empty and len(result.plots) == 4
+    assert WORST in result.path.read_text()
+    assert await first.run_once() == []
+    assert await scheduler().run_once() == []  # a restart does not redo it
+    now[0] += dt.timedelta(days=3)  # down for three nights: none is skipped
+    assert [r.night for r in await scheduler().run_once()] == ["2024-05-11", "2024-05-12", "2024-05-13"]
+    assert await database.db["reports"].count_documents({}) == 5
