@@ -34,6 +34,7 @@ from huntsman.config import DetectorConfig, PathsConfig, QCConfig
 from huntsman.models import utcnow
 from huntsman.science.provenance import Provenance, config_hash
 from huntsman.science.refcat import CatalogueSpec
+from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument
 from huntsman.store.exposures import ExposureCollection, ExposureDocument
 from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
@@ -107,6 +108,7 @@ class QualityMonitor:
         self.provenance = Provenance(__version__, config_hash(config))
         self.queue: asyncio.Queue[tuple[str, bool]] = asyncio.Queue(maxsize=config.queue_size)
         self._queued: set[str] = set()
+        self._again: set[str] = set()
         self._busy: set[str] = set()
         self.counts: Counter[str] = Counter()
 
@@ -190,6 +192,7 @@ class QualityMonitor:
 
     async def _consume(self) -> None:
         while True:
+            raise_if_cancelling()
             filename, force = await self.queue.get()
             self._queued.discard(filename)
             try:
@@ -216,12 +219,18 @@ class QualityMonitor:
         None when nothing was done (not a usable science frame, WCS pending, up to date,
         failed ``max_tries`` times, or being processed already)."""
         if filename in self._busy:
+            # Asked again while being measured (a master superseded meanwhile): measure it
+            # once more afterwards, against whatever set is current then.
+            self._again.add(filename)
             return None
         self._busy.add(filename)
         try:
             return await self._process(filename, force)
         finally:
             self._busy.discard(filename)
+            if filename in self._again:
+                self._again.discard(filename)
+                self.offer(filename)
 
     async def _process(self, filename: str, force: bool) -> str | None:
         doc = await self.exposures.get(filename)
