@@ -19,9 +19,15 @@ Per pixel this reproduces astropy's ``sigma_clip(axis=0, cenfunc='median', stdfu
 followed by the mean of the survivors.  Each band is sorted along the frame axis once (NaN
 sorts last).  A symmetric or asymmetric clip around a centre only ever removes values from the
 two ends of the sorted list, so the survivors of every iteration are a contiguous index range
-``[lo, hi)``: the median is a gather, the new range is two counts of sorted values below the
-bounds, and only pixels whose range changed are revisited in the next iteration (a pixel that
-did not change has converged, exactly as in astropy's loop).  Sums are accumulated in float64
+``[lo, hi)``: the median is a gather, and the new range is found by stepping ``lo`` up while
+the next sorted value is below the lower bound and ``hi`` down while the value below it is
+above the upper bound -- one gather per end for every pixel, further steps only for the few
+pixels that lose values.  Only pixels whose range changed are revisited in the next
+iteration (a pixel that did not change has converged, exactly as in astropy's loop).
+
+Each band is split into row blocks of about ``_BLOCK_PIXELS`` pixels that are clipped in a
+thread pool (the sort and the ufuncs release the GIL) while the next band is read into the
+second of two reused band buffers.  Sums are accumulated in float64
 about the initial median, so the mean and the standard deviation are exact to float64
 rounding; astropy keeps float32 input in float32, so a value lying within float32 rounding of a
 clipping bound may be decided differently by the two (documented in the tests and benchmark).
@@ -58,12 +64,17 @@ __all__ = [
 ]
 
 # Memory model of one band, in bytes per pixel of the band: float32 stack of the band being
-# clipped and of the band being prefetched (2 x 4 N), the boolean comparison plane (N) and
-# about 20 float64/intp per-pixel work vectors; plus master bands (4 bytes each).
+# clipped and of the band being prefetched (2 x 4 N, two buffers reused for every band), N
+# bytes of slack (reading temporaries) and about 20 float64/intp per-pixel work vectors; plus
+# master bands (4 bytes each).  The work vectors only exist for the row blocks being clipped
+# (at most one per thread, never more than one band), so that term is an upper bound.
 _WORK_BYTES_PER_PIXEL = 160
 _STACK_BYTES_PER_PIXEL_PER_FRAME = 9
 # Outputs held for the whole frame: float32 image + float32 uncertainty + uint16 count.
 _OUTPUT_BYTES_PER_PIXEL = 10
+# Pixels per row block: a band is clipped in blocks of whole rows, in parallel threads (numpy
+# releases the GIL in the sort and the ufuncs), so that the per-pixel work vectors are small.
+_BLOCK_PIXELS = 1 << 17
 # Interpreter, numpy and astropy already resident before the first band is read.
 _BASELINE_MB = 160
 
@@ -204,8 +215,8 @@ def plan_bands(
 
     The ceiling covers the outputs (10 bytes per output pixel), a fixed interpreter baseline
     and, per band pixel, two float32 frame stacks (the band being clipped and the one being
-    prefetched), the comparison plane, the per-pixel work vectors and ``n_masters`` master
-    bands.
+    prefetched), reading temporaries, the per-pixel work vectors (an upper bound: they are
+    held only for the row blocks being clipped) and ``n_masters`` master bands.
 
     Raises
     ------
@@ -280,17 +291,52 @@ def _per_frame(values: float | Sequence[float] | np.ndarray | None, n: int, what
 def _round_up_f32(x: np.ndarray) -> np.ndarray:
     """Smallest float32 >= x, so that ``f32 < x`` is the same test as ``f32 < result``."""
     r = x.astype(np.float32)
-    low = r < x
-    r[low] = np.nextafter(r[low], np.float32(np.inf))
+    np.nextafter(r, np.float32(np.inf), out=r, where=r < x)
     return r
 
 
 def _round_down_f32(x: np.ndarray) -> np.ndarray:
     """Largest float32 <= x, so that ``f32 <= x`` is the same test as ``f32 <= result``."""
     r = x.astype(np.float32)
-    high = r > x
-    r[high] = np.nextafter(r[high], np.float32(-np.inf))
+    np.nextafter(r, np.float32(-np.inf), out=r, where=r > x)
     return r
+
+
+def _walk_lo(flat: np.ndarray, npix: int, n_frames: int, pix: np.ndarray, start: np.ndarray,
+             lower: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Number of sorted values below ``lower`` per pixel, or ``start`` if that is larger.
+
+    ``first`` is ``value[start] < lower``.  Values are sorted ascending (NaN last) along the
+    frame axis, so the count is found by stepping up from ``start`` while the next value is
+    still below the bound; only the few pixels that are still stepping are revisited.
+    """
+    new = start.copy()
+    cand = np.flatnonzero(first)
+    while cand.size:
+        new[cand] += 1
+        cand = cand[new[cand] < n_frames]
+        if not cand.size:
+            break
+        cand = cand[flat[new[cand] * npix + pix[cand]] < lower[cand]]
+    return new
+
+
+def _walk_hi(flat: np.ndarray, npix: int, pix: np.ndarray, start: np.ndarray,
+             upper: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Number of sorted values ``<= upper`` per pixel, or ``start`` if that is smaller.
+
+    ``first`` is ``not value[start - 1] <= upper`` (True where a step down is needed).
+    """
+    new = start.copy()
+    cand = np.flatnonzero(first & (start > 0))
+    while cand.size:
+        new[cand] -= 1
+        cand = cand[new[cand] > 0]
+        if not cand.size:
+            break
+        with np.errstate(invalid="ignore"):
+            cand = cand[~(flat[(new[cand] - 1) * npix + pix[cand]] <= upper[cand])]
+    return new
 
 
 def _clip_band(
@@ -300,11 +346,11 @@ def _clip_band(
     maxiters: int,
     median_centre: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Clip and average a band stack in place.
+    """Clip and average a block stack in place.
 
     Parameters
     ----------
-    stack : numpy.ndarray, float32, shape (N, P)
+    stack : numpy.ndarray, float32, shape (N, P), C-contiguous
         N frames of P pixels; non-finite values must already be NaN.  Sorted in place.
 
     Returns
@@ -316,9 +362,6 @@ def _clip_band(
     stack.sort(axis=0)  # NaN last
     flat = stack.reshape(-1)
     pix = np.arange(npix)
-    n_valid = n_frames - np.count_nonzero(np.isnan(stack), axis=0)
-    lo = np.zeros(npix, dtype=np.intp)
-    hi = n_valid.astype(np.intp)
 
     def median_of(idx: np.ndarray, start: np.ndarray, m: np.ndarray) -> np.ndarray:
         a = flat[(start + np.maximum(m - 1, 0) // 2) * npix + idx].astype(np.float64)
@@ -327,46 +370,87 @@ def _clip_band(
             med: np.ndarray = np.where(m > 0, 0.5 * (a + b), np.nan)
         return med
 
-    # Sums are taken about the initial median so that they are well conditioned.
-    ref = median_of(pix, lo, hi)
+    # NaN sorts last: a pixel has a NaN only if its last sorted value is NaN.
+    has_nan = np.isnan(stack[n_frames - 1])
+    n_valid = np.full(npix, n_frames, dtype=np.intp)
+    if has_nan.any():
+        nan_pix = np.flatnonzero(has_nan)
+        n_valid[nan_pix] -= np.count_nonzero(np.isnan(stack[:, nan_pix]), axis=0)
+        min_valid = int(n_valid.min())
+        ref = median_of(pix, np.zeros(npix, dtype=np.intp), n_valid)
+    else:
+        min_valid = n_frames
+        ref = stack[(n_frames - 1) // 2].astype(np.float64)
+        ref += stack[n_frames // 2]
+        ref *= 0.5
     ref_finite = np.where(np.isfinite(ref), ref, 0.0)
+
+    # Sums are taken about the initial median so that they are well conditioned.
     s1 = np.zeros(npix)
     s2 = np.zeros(npix)
+    d = np.empty(npix)
     for k in range(n_frames):
-        d = stack[k] - ref_finite
-        d[k >= n_valid] = 0.0
+        np.subtract(stack[k], ref_finite, out=d)
+        if k >= min_valid:
+            d[k >= n_valid] = 0.0
         s1 += d
-        s2 += d * d
+        d *= d
+        s2 += d
+    del d
 
-    active = pix
+    lo = np.zeros(npix, dtype=np.intp)
+    hi = n_valid
+    active: np.ndarray | None = None  # None: every pixel of the block
+    centre: np.ndarray | None = ref if median_centre else None
     for _ in range(maxiters):
-        if active.size == 0:
-            break
-        cur_lo, cur_hi = lo[active], hi[active]
+        if active is None:
+            cur_lo, cur_hi, act_pix = lo, hi, pix
+            s1a, s2a = s1, s2
+        else:
+            if active.size == 0:
+                break
+            cur_lo, cur_hi, act_pix = lo[active], hi[active], active
+            s1a, s2a = s1[active], s2[active]
         m = cur_hi - cur_lo
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean_d = s1[active] / m
-            std = np.sqrt(np.maximum(s2[active] / m - mean_d * mean_d, 0.0))
-        centre = median_of(active, cur_lo, m) if median_centre else ref_finite[active] + mean_d
+            mean_d = s1a / m
+            std = np.sqrt(np.maximum(s2a / m - mean_d * mean_d, 0.0))
+        if median_centre:
+            if centre is None:
+                centre = median_of(act_pix, cur_lo, m)
+        else:
+            centre = (ref_finite if active is None else ref_finite[active]) + mean_d
         with np.errstate(invalid="ignore"):
             lower = _round_up_f32(centre - sigma_lower * std)
             upper = _round_down_f32(centre + sigma_upper * std)
-        sub = stack if active.size == npix else stack[:, active]
+        centre = None
+        del mean_d, std
+        # First step of each walk with one gather (or a row) over every active pixel.
         with np.errstate(invalid="ignore"):
-            new_lo = np.maximum(cur_lo, np.count_nonzero(sub < lower, axis=0))
-            new_hi = np.minimum(cur_hi, np.count_nonzero(sub <= upper, axis=0))
-        changed = (new_lo != cur_lo) | (new_hi != cur_hi)
-        if not changed.any():
+            if active is None and min_valid == n_frames:
+                first_lo = stack[0] < lower
+                first_hi = ~(stack[n_frames - 1] <= upper)
+            else:
+                safe_lo = np.minimum(cur_lo, n_frames - 1)
+                first_lo = (flat[safe_lo * npix + act_pix] < lower) & (cur_lo < n_frames)
+                safe_hi = np.maximum(cur_hi - 1, 0)
+                first_hi = ~(flat[safe_hi * npix + act_pix] <= upper)
+        if not (first_lo.any() or first_hi.any()):
             break
-        active = active[changed]
+        new_lo = _walk_lo(flat, npix, n_frames, act_pix, cur_lo, lower, first_lo)
+        new_hi = _walk_hi(flat, npix, act_pix, cur_hi, upper, first_hi)
+        changed = np.flatnonzero((new_lo != cur_lo) | (new_hi != cur_hi))
+        if changed.size == 0:
+            break
+        active = changed if active is None else active[changed]
         new_lo, new_hi = new_lo[changed], new_hi[changed]
         lo[active], hi[active] = new_lo, new_hi
         sub = stack[:, active]
         frame_index = np.arange(n_frames)[:, None]
         inside = (frame_index >= new_lo) & (frame_index < new_hi)
-        d = np.where(inside, sub - ref_finite[active], 0.0)
-        s1[active] = d.sum(axis=0)
-        s2[active] = (d * d).sum(axis=0)
+        dd = np.where(inside, sub - ref_finite[active], 0.0)
+        s1[active] = dd.sum(axis=0)
+        s2[active] = (dd * dd).sum(axis=0)
 
     n_used = hi - lo
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -396,6 +480,7 @@ def sigma_clipped_combine(
     memory_limit_mb: float = 1024,
     dtype: type[np.floating] | np.dtype = np.float32,
     io_threads: int = 2,
+    threads: int | None = None,
 ) -> CombineResult:
     """Sigma-clipped mean of a stack of frames, streamed in row bands.
 
@@ -434,6 +519,9 @@ def sigma_clipped_combine(
         dtype of the output image (the uncertainty is always float32).
     io_threads : int
         Threads reading frames; the next band is read while the current one is clipped.
+    threads : int, optional
+        Threads clipping the row blocks of a band (default: one per CPU).  The result does
+        not depend on it.
 
     Returns
     -------
@@ -484,7 +572,25 @@ def sigma_clipped_combine(
     n_used_out = np.empty(shape, dtype=np.uint16)
     n_finite = np.zeros(n, dtype=np.int64)
 
-    def read_frame(i: int, rows: slice, stack: np.ndarray,
+    bands = [
+        slice(r, min(r + plan.rows_per_band, ny)) for r in range(0, ny, plan.rows_per_band)
+    ]
+    block_rows = max(1, _BLOCK_PIXELS // nx)
+    # Two band buffers, reused: one is clipped while the next band is read into the other.
+    buffers = [np.empty(n * plan.rows_per_band * nx, dtype=np.float32)
+               for _ in range(min(2, len(bands)))]
+
+    def band_blocks(rows: slice, buffer: np.ndarray) -> list[tuple[slice, np.ndarray]]:
+        """Row blocks of a band: (rows in the band, C-contiguous (n, pixels) stack view)."""
+        height = rows.stop - rows.start
+        blocks = []
+        for a in range(0, height, block_rows):
+            b = min(a + block_rows, height)
+            view = buffer[n * a * nx:n * b * nx].reshape(n, (b - a) * nx)
+            blocks.append((slice(a, b), view))
+        return blocks
+
+    def read_frame(i: int, rows: slice, blocks: list[tuple[slice, np.ndarray]],
                    masters: tuple[np.ndarray | None, np.ndarray | None]) -> int:
         band = sources[i].read_rows(rows.start, rows.stop)
         mbias, mdark = masters
@@ -501,35 +607,47 @@ def sigma_clipped_combine(
             if band.shape != (rows.stop - rows.start, nx):
                 raise ValueError(f"transform changed the band shape of {sources[i].name}")
         finite = np.isfinite(band)
-        band[~finite] = np.nan
-        stack[i] = band.reshape(-1)
-        return int(np.count_nonzero(finite))
+        n_ok = int(np.count_nonzero(finite))
+        if n_ok != band.size:
+            band[~finite] = np.nan
+        for block, stack in blocks:
+            stack[i] = band[block].reshape(-1)
+        return n_ok
 
-    def load_band(pool: ThreadPoolExecutor, rows: slice) -> tuple[np.ndarray, list[Future[int]]]:
+    def load_band(pool: ThreadPoolExecutor, rows: slice,
+                  buffer: np.ndarray) -> tuple[list[tuple[slice, np.ndarray]], list[Future[int]]]:
         mbias = None if bias_src is None else bias_src.read_rows(rows.start, rows.stop)
         mdark = None if dark_src is None else dark_src.read_rows(rows.start, rows.stop)
-        stack = np.empty((n, (rows.stop - rows.start) * nx), dtype=np.float32)
-        futures = [pool.submit(read_frame, i, rows, stack, (mbias, mdark)) for i in range(n)]
-        return stack, futures
+        blocks = band_blocks(rows, buffer)
+        futures = [pool.submit(read_frame, i, rows, blocks, (mbias, mdark)) for i in range(n)]
+        return blocks, futures
 
-    bands = [
-        slice(r, min(r + plan.rows_per_band, ny)) for r in range(0, ny, plan.rows_per_band)
-    ]
-    workers = max(1, min(io_threads, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stack-io") as pool:
-        pending = load_band(pool, bands[0])
+    def clip_block(rows: slice, block: slice, stack: np.ndarray) -> None:
+        mean, sem, n_used = _clip_band(stack, s_lo, s_hi, maxiters, cenfunc == "median")
+        out_rows = slice(rows.start + block.start, rows.start + block.stop)
+        height = block.stop - block.start
+        out[out_rows] = mean.reshape(height, nx)
+        uncert[out_rows] = sem.reshape(height, nx)
+        n_used_out[out_rows] = n_used.reshape(height, nx)
+
+    cpus = os.cpu_count() or 1
+    io_workers = max(1, min(io_threads, cpus))
+    # At most one thread per block, so the work vectors in flight never exceed one band's.
+    clip_workers = max(1, min(cpus if threads is None else threads,
+                              math.ceil(plan.rows_per_band / block_rows)))
+    with ThreadPoolExecutor(max_workers=io_workers, thread_name_prefix="stack-io") as io_pool, \
+            ThreadPoolExecutor(max_workers=clip_workers,
+                               thread_name_prefix="stack-clip") as clip_pool:
+        pending = load_band(io_pool, bands[0], buffers[0])
         for b, rows in enumerate(bands):
-            stack, futures = pending
+            blocks, futures = pending
             for i, fut in enumerate(futures):
                 n_finite[i] += fut.result()
             if b + 1 < len(bands):
-                pending = load_band(pool, bands[b + 1])
-            mean, sem, n_used = _clip_band(stack, s_lo, s_hi, maxiters, cenfunc == "median")
-            del stack
-            height = rows.stop - rows.start
-            out[rows] = mean.reshape(height, nx)
-            uncert[rows] = sem.reshape(height, nx)
-            n_used_out[rows] = n_used.reshape(height, nx)
+                pending = load_band(io_pool, bands[b + 1], buffers[(b + 1) % 2])
+            clips = [clip_pool.submit(clip_block, rows, block, stack) for block, stack in blocks]
+            for clip in clips:
+                clip.result()
 
     return CombineResult(
         data=out,
