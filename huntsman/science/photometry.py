@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import sep
@@ -66,6 +67,8 @@ from huntsman.science.stats import subsample
 __all__ = [
     "PhotometryParams",
     "PhotometryResult",
+    "SkyBackground",
+    "estimate_background",
     "limiting_flux_5sigma",
     "measure_photometry",
 ]
@@ -237,35 +240,64 @@ def limiting_flux_5sigma(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Background:
+class SkyBackground:
+    """The ``sep.Background`` of a calibrated frame (see :func:`estimate_background`).
+
+    Computed once per frame and shared: :func:`measure_photometry` takes it as
+    ``background=`` and :func:`huntsman.science.psf.measure_psf` takes ``back`` and
+    ``global_rms`` as ``background=`` and ``background_rms=``.
+    """
+
     image: np.ndarray  # the frame, float32, bad pixels 0 (aperture sums use local annuli)
     sub: np.ndarray  # background-subtracted frame, float32, bad pixels 0 (centroiding)
+    back: np.ndarray  # background map, float32
     rms: np.ndarray  # RMS map, float32
     bad: np.ndarray  # bool, masked or non-finite
     sky_adu: float
     sky_rms_adu: float
+    global_rms: float  # sep's global RMS of the unmasked pixels (a detection threshold)
 
 
-def _background(data: np.ndarray, mask: np.ndarray | None, p: PhotometryParams) -> _Background:
+
+def estimate_background(
+    data: np.ndarray, mask: np.ndarray | None, params: PhotometryParams = PhotometryParams()
+) -> SkyBackground:
+    """Background (``sep.Background`` over the unmasked, finite pixels) of a calibrated frame.
+
+    Parameters
+    ----------
+    data : numpy.ndarray, shape (ny, nx)
+        Calibrated frame; not modified.
+    mask : numpy.ndarray of bool, shape (ny, nx), or None
+        True for pixels to ignore; non-finite pixels are always ignored.
+    params : PhotometryParams
+        ``background_box_px`` and ``background_filter`` are used.
+    """
+    if data.ndim != 2:
+        raise ValueError(f"data must be 2-D, got shape {data.shape}")
+    return _background(data, mask, params)
+
+
+def _background(data: np.ndarray, mask: np.ndarray | None, p: PhotometryParams) -> SkyBackground:
     work = np.array(data, dtype=np.float32, order="C", copy=True)
     bad = ~np.isfinite(work)
     if mask is not None:
         if mask.shape != work.shape:
             raise ValueError(f"mask shape {mask.shape} != data shape {work.shape}")
-        bad |= mask.astype(bool)
-    work[bad] = 0.0
+        bad |= mask if mask.dtype == bool else mask.astype(bool)
+    np.putmask(work, bad, np.float32(0.0))
     bkg = sep.Background(
-        work, mask=bad.astype(np.uint8), bw=p.background_box_px, bh=p.background_box_px,
+        work, mask=bad.view(np.uint8), bw=p.background_box_px, bh=p.background_box_px,
         fw=p.background_filter, fh=p.background_filter,
     )
     back = bkg.back()
     rms = bkg.rms()
-    good = ~bad
-    sky = float(np.median(subsample(back)[subsample(good)])) if good.any() else math.nan
-    sky_rms = float(np.median(subsample(rms)[subsample(good)])) if good.any() else math.nan
-    sub = work - back
-    sub[bad] = 0.0
-    return _Background(work, sub, rms, bad, sky, sky_rms)
+    good = ~subsample(bad)
+    sky = float(np.median(subsample(back)[good])) if good.any() else math.nan
+    sky_rms = float(np.median(subsample(rms)[good])) if good.any() else math.nan
+    sub = np.subtract(work, back, dtype=np.float32)
+    np.putmask(sub, bad, np.float32(0.0))
+    return SkyBackground(work, sub, back, rms, bad, sky, sky_rms, float(bkg.globalrms))
 
 
 def _clipped(
@@ -292,6 +324,132 @@ def _clipped(
 def _clipped_median(values: np.ndarray, nsigma: float = 3.0, iters: int = 5) -> tuple[float, int]:
     """Sigma-clipped (MAD) median and the number of values kept."""
     return _clipped(values, nsigma, iters)
+
+
+def _bisect(
+    pred: Callable[[np.ndarray, np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
+    """Per row, the first ``j`` in ``[lo, hi)`` with ``pred(rows, j)`` true, else ``hi``.
+
+    ``pred`` must be monotone (False then True) along each row; it is called with the indices
+    of the rows still searching and a candidate ``j`` for each.
+    """
+    lo, hi = lo.copy(), hi.copy()
+    act = np.flatnonzero(lo < hi)
+    while act.size:
+        mid = (lo[act] + hi[act]) // 2
+        t = pred(act, mid)
+        hi[act[t]] = mid[t]
+        lo[act[~t]] = mid[~t] + 1
+        act = act[lo[act] < hi[act]]
+    return lo
+
+
+def _sorted_median(v: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``np.median`` of ``v[rows, lo:hi]`` for rows sorted ascending (non-empty intervals)."""
+    k = hi - lo
+    a = v[rows, lo + (k - 1) // 2]
+    b = v[rows, lo + k // 2]
+    out: np.ndarray = (a + b) / 2  # same rounding as np.median (mean of the middle pair)
+    return out
+
+
+def _sorted_mad(
+    v: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, med: np.ndarray
+) -> np.ndarray:
+    """``np.median(np.abs(v[rows, lo:hi] - med))`` for rows sorted ascending.
+
+    The deviations left of the median and right of it are two sorted sequences; their k-th
+    smallest element is found by bisection (no sort, no copy of the rows).
+    """
+    p = _bisect(lambda a, j: v[rows[a], j] - med[a] >= 0, lo, hi)
+    n_left, n_right = p - lo, hi - p
+
+    def left(a: np.ndarray, t: np.ndarray) -> np.ndarray:  # t-th smallest deviation on the left
+        out: np.ndarray = -(v[rows[a], p[a] - 1 - t] - med[a])
+        return out
+
+    def right(a: np.ndarray, t: np.ndarray) -> np.ndarray:
+        out: np.ndarray = v[rows[a], p[a] + t] - med[a]
+        return out
+
+    def kth(q: np.ndarray) -> np.ndarray:
+        # i = how many of the q+1 smallest deviations lie on the left.
+        i_lo = np.maximum(0, q + 1 - n_right)
+        i_hi = np.minimum(q + 1, n_left)
+
+        def enough(a: np.ndarray, i: np.ndarray) -> np.ndarray:
+            j = q[a] + 1 - i
+            few = (i < n_left[a]) & (j > 0)
+            f = np.flatnonzero(few)
+            few[f] = right(a[f], j[f] - 1) > left(a[f], i[f])
+            return ~few
+
+        i = _bisect(enough, i_lo, i_hi)
+        j = q + 1 - i
+        every = np.arange(q.size)
+        out = np.full(q.size, -np.inf, dtype=v.dtype)
+        h = np.flatnonzero(i > 0)
+        out[h] = left(every[h], i[h] - 1)
+        h = np.flatnonzero(j > 0)
+        out[h] = np.maximum(out[h], right(every[h], j[h] - 1))
+        return out
+
+    k = hi - lo
+    out: np.ndarray = (kth((k - 1) // 2) + kth(k // 2)) / 2
+    return out
+
+
+def _kept_interval(
+    v: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, med: np.ndarray,
+    thr: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The part ``[new_lo, new_hi)`` of sorted ``v[rows, lo:hi]`` with ``|v - med| <= thr``."""
+    new_lo = _bisect(lambda a, j: v[rows[a], j] - med[a] >= -thr[a], lo, hi)
+    new_hi = _bisect(lambda a, j: v[rows[a], j] - med[a] > thr[a], lo, hi)
+    return new_lo, new_hi
+
+
+def _clipped_rows(
+    values: np.ndarray, valid: np.ndarray, nsigma: float, iters: int = 5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_clipped` of the ``valid`` values of every row of ``values`` at once.
+
+    Returns the clipped median (as ``values.dtype`` arithmetic, like ``np.median``), mean and
+    count per row (NaN, NaN, 0 for an empty row).  The clipping keeps a value when its
+    deviation from the median is within ``nsigma`` MAD-σ, an interval of the sorted row.
+    """
+    v = np.where(valid & np.isfinite(values), values, np.inf).astype(values.dtype, copy=False)
+    v.sort(axis=1)
+    n = v.shape[0]
+    lo = np.zeros(n, dtype=np.intp)
+    hi = np.count_nonzero(np.isfinite(v), axis=1).astype(np.intp)
+    active = np.ones(n, dtype=bool)
+    for _ in range(iters):
+        active &= hi - lo >= 3
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        rlo, rhi = lo[rows], hi[rows]
+        med = _sorted_median(v, rows, rlo, rhi)
+        sig = 1.4826 * _sorted_mad(v, rows, rlo, rhi, med)
+        thr = nsigma * sig
+        new_lo, new_hi = _kept_interval(v, rows, rlo, rhi, med, thr)
+        stop = (sig == 0) | ((new_lo == rlo) & (new_hi == rhi))
+        go = ~stop
+        lo[rows[go]], hi[rows[go]] = new_lo[go], new_hi[go]
+        active[rows[stop]] = False
+    count = hi - lo
+    median = np.full(n, np.nan)
+    mean = np.full(n, np.nan)
+    rows = np.flatnonzero(count > 0)
+    if rows.size:
+        median[rows] = _sorted_median(v, rows, lo[rows], hi[rows])
+        csum = np.zeros((n, v.shape[1] + 1))
+        np.cumsum(np.where(np.isfinite(v), v, 0.0), axis=1, out=csum[:, 1:])
+        r = rows
+        mean[r] = (csum[r, hi[r]] - csum[r, lo[r]]) / count[r]
+    return median, mean, count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,17 +482,36 @@ def _refine_positions(
     s = math.ceil(search_px)
     xp = np.array(x0, dtype=float)
     yp = np.array(y0, dtype=float)
-    for i, (xi, yi) in enumerate(zip(x0, y0, strict=True)):
-        xc, yc = round(float(xi)), round(float(yi))
-        xa, xb, ya, yb = max(xc - s - 1, 0), min(xc + s + 2, nx), max(yc - s - 1, 0), \
-            min(yc + s + 2, ny)
-        cut = uniform_filter(sub[ya:yb, xa:xb].astype(np.float64), size=3, mode="nearest")
-        gy, gx = np.mgrid[ya:yb, xa:xb]
-        cut[np.hypot(gx - xi, gy - yi) > search_px] = -np.inf
-        k = int(np.argmax(cut))
-        yp[i], xp[i] = ya + k // cut.shape[1], xa + k % cut.shape[1]
+    xc, yc = np.rint(xp).astype(np.intp), np.rint(yp).astype(np.intp)
+    # Stars whose (2s+3)^2 cut-out lies inside the frame: all at once (in chunks); the rest
+    # (cut-outs clipped at an edge, whose 3x3 filter sees a different border) one by one.
+    whole = (xc - s - 1 >= 0) & (xc + s + 2 <= nx) & (yc - s - 1 >= 0) & (yc + s + 2 <= ny)
+    off = np.arange(-s - 1, s + 2)
+    width = off.size
+    todo = np.flatnonzero(whole)
+    for chunk in np.array_split(todo, max(1, todo.size * width * width // 2_000_000 + 1)):
+        if chunk.size == 0:
+            continue
+        gx = xc[chunk, None] + off  # (n, w)
+        gy = yc[chunk, None] + off
+        cut = uniform_filter(sub[gy[:, :, None], gx[:, None, :]].astype(np.float64),
+                             size=(1, 3, 3), mode="nearest")
+        far = np.hypot((gx - xp[chunk, None])[:, None, :], (gy - yp[chunk, None])[:, :, None])
+        cut[far > search_px] = -np.inf
+        k = np.argmax(cut.reshape(chunk.size, -1), axis=1)
+        yp[chunk] = gy[:, 0] + k // width
+        xp[chunk] = gx[:, 0] + k % width
+    for i in np.flatnonzero(~whole):
+        xi, yi = x0[i], y0[i]
+        xa, xb, ya, yb = max(xc[i] - s - 1, 0), min(xc[i] + s + 2, nx), max(yc[i] - s - 1, 0), \
+            min(yc[i] + s + 2, ny)
+        cut1 = uniform_filter(sub[ya:yb, xa:xb].astype(np.float64), size=3, mode="nearest")
+        my, mx = np.mgrid[ya:yb, xa:xb]
+        cut1[np.hypot(mx - xi, my - yi) > search_px] = -np.inf
+        k1 = int(np.argmax(cut1))
+        yp[i], xp[i] = ya + k1 // cut1.shape[1], xa + k1 % cut1.shape[1]
     sig = max(fwhm_px * _FWHM_TO_SIGMA, 0.5)
-    xw, yw, flag = sep.winpos(sub, xp, yp, sig, mask=bad.astype(np.uint8))
+    xw, yw, flag = sep.winpos(sub, xp, yp, sig, mask=bad.view(np.uint8))
     ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw)
     ok &= np.hypot(xw - xp, yw - yp) <= max(2.0, 0.5 * fwhm_px)
     ok &= np.hypot(xw - x0, yw - y0) <= search_px + 0.5
@@ -342,7 +519,7 @@ def _refine_positions(
 
 
 def _measure_stars(
-    bg: _Background, data: np.ndarray, cat: RefCatalogue, x0: np.ndarray, y0: np.ndarray,
+    bg: SkyBackground, data: np.ndarray, cat: RefCatalogue, x0: np.ndarray, y0: np.ndarray,
     filter_name: str, fwhm_px: float, search_px: float, gain: float, p: PhotometryParams,
 ) -> _Stars:
     ny, nx = bg.sub.shape
@@ -361,40 +538,62 @@ def _measure_stars(
     n_close_tot = np.asarray(tree.query_ball_point(np.column_stack([x0, y0]), r_out,
                                                    return_length=True))
     edge = r_ap + search_px + 1.0
+    # Only usable stars are ever used (zeropoint, aperture correction, astrometry), so crowded
+    # ones are not even centroided.
     cand = np.isfinite(mag_all) & (x0 >= edge) & (x0 <= nx - 1 - edge) & (y0 >= edge) \
-        & (y0 <= ny - 1 - edge)
+        & (y0 <= ny - 1 - edge) & (n_close <= 1)
     idx = np.flatnonzero(cand)
     xw, yw, ok = _refine_positions(bg.sub, bg.bad, x0[idx], y0[idx], search_px, fwhm_px)
     idx, xw, yw = idx[ok], xw[ok], yw[ok]
 
     n = idx.size
+    R = math.ceil(r_out) + 1
+    ann_area = math.pi * (r_out**2 - r_in**2)
+    xc, yc = np.rint(xw).astype(np.intp), np.rint(yw).astype(np.intp)
+    sigma = bg.rms[yc, xc].astype(float)
+    # Pixels are taken by integer offsets from (xc, yc): a pixel's distance from (xw, yw)
+    # differs from its offset's length by at most sqrt(1/2), so two templates (a disk for the
+    # apertures, a ring for the annulus) hold every pixel that can count.
+    off = np.arange(-R, R + 1)
+    oy, ox = (a.ravel() for a in np.meshgrid(off, off, indexing="ij"))
+    rho = np.hypot(ox, oy)
+    slack = math.sqrt(0.5) + 1e-6
+    in_disk = rho <= r_tot + 0.5 + slack
+    in_ring = (rho >= r_in - slack) & (rho <= r_out + slack)
+    n_chunk = max(1, 2_000_000 // max(int(in_ring.sum()), 1))
+
+    def pixels(sel: np.ndarray, tmpl: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Flat pixel index, in-frame flag and distance (n, m) of template ``tmpl`` per star."""
+        gx = xc[sel, None] + ox[tmpl]
+        gy = yc[sel, None] + oy[tmpl]
+        inside = (gx >= 0) & (gx < nx) & (gy >= 0) & (gy < ny)
+        r = np.hypot(gx - xw[sel, None], gy - yw[sel, None])
+        flat = np.clip(gy, 0, ny - 1) * nx + np.clip(gx, 0, nx - 1)
+        return flat, inside, r
+
+    bad_flat, image_flat, data_flat = bg.bad.ravel(), bg.image.ravel(), data.reshape(-1)
     bkg_local = np.full(n, np.nan)
     bkg_mean = np.full(n, np.nan)
     n_ann = np.zeros(n)
-    sigma = np.full(n, np.nan)
     unsat = np.zeros(n, dtype=bool)
     clean_ap = np.zeros(n, dtype=bool)
     clean_tot = np.zeros(n, dtype=bool)
-    R = math.ceil(r_out) + 1
-    ann_area = math.pi * (r_out**2 - r_in**2)
-    for i in range(n):
-        xc, yc = round(float(xw[i])), round(float(yw[i]))
-        xa, xb, ya, yb = max(xc - R, 0), min(xc + R + 1, nx), max(yc - R, 0), min(yc + R + 1, ny)
-        gy, gx = np.mgrid[ya:yb, xa:xb]
-        r = np.hypot(gx - xw[i], gy - yw[i])
-        bad = bg.bad[ya:yb, xa:xb]
-        ann = (r >= r_in) & (r <= r_out) & ~bad
-        pix = bg.image[ya:yb, xa:xb][ann]
-        bkg_local[i], n_ann[i] = _clipped(pix, p.annulus_clip_sigma)
-        bkg_mean[i], _ = _clipped(pix, p.annulus_clip_sigma, mean=True)
-        sigma[i] = float(bg.rms[yc, xc])
+    for sel in np.array_split(np.arange(n), n // n_chunk + 1):
+        if sel.size == 0:
+            continue
+        flat, inside, r = pixels(sel, in_ring)
+        ann = inside & (r >= r_in) & (r <= r_out) & ~bad_flat[flat]
+        med, mean, count = _clipped_rows(image_flat[flat], ann, p.annulus_clip_sigma)
+        bkg_local[sel], bkg_mean[sel], n_ann[sel] = med, mean, count
+        flat, inside, r = pixels(sel, in_disk)
+        bad = bad_flat[flat] & inside
         in_ap = r <= r_ap + 0.5
         in_tot = r <= r_tot + 0.5
-        unsat[i] = float(np.max(data[ya:yb, xa:xb][in_ap & ~bad], initial=-np.inf)) \
-            < p.saturation_adu
-        clean_ap[i] = not bad[in_ap].any()
-        clean_tot[i] = not bad[in_tot].any() and (
-            r_tot <= xw[i] <= nx - 1 - r_tot and r_tot <= yw[i] <= ny - 1 - r_tot)
+        peak = np.max(data_flat[flat], axis=1, where=in_ap & inside & ~bad, initial=-np.inf)
+        unsat[sel] = peak < p.saturation_adu
+        clean_ap[sel] = ~np.any(bad & in_ap, axis=1)
+        clean_tot[sel] = ~np.any(bad & in_tot, axis=1)
+    clean_tot &= (r_tot <= xw) & (xw <= nx - 1 - r_tot) & (r_tot <= yw) & (yw <= ny - 1 - r_tot)
     good_bkg = np.isfinite(bkg_local) & (n_ann >= 0.4 * ann_area)
 
     def aperture(radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -447,7 +646,7 @@ def _ring_growth(d_flux: np.ndarray, f_ap: np.ndarray, clip: float) -> float:
 
 
 def _aperture_correction(
-    bg: _Background, st: _Stars, fwhm_px: float, p: PhotometryParams
+    bg: SkyBackground, st: _Stars, fwhm_px: float, p: PhotometryParams
 ) -> tuple[float, float, float, int]:
     """(C_ap, σ(C_ap) in mag, C_depth, n) with C = f_tot / f_aperture.
 
@@ -529,6 +728,7 @@ def measure_photometry(
     gain_e_per_adu: float,
     read_noise_e: float,
     params: PhotometryParams = PhotometryParams(),
+    background: SkyBackground | None = None,
 ) -> PhotometryResult:
     """Sky level and brightness, photometric zeropoint and 5σ depth of a calibrated frame.
 
@@ -557,6 +757,9 @@ def measure_photometry(
         background RMS already contains it.
     params : PhotometryParams
         Aperture radii, cuts and clipping.
+    background : SkyBackground or None
+        :func:`estimate_background` of the same ``data``, ``mask`` and ``params`` when already
+        computed (e.g. shared with the PSF measurement); estimated here when None.
 
     Returns
     -------
@@ -574,7 +777,9 @@ def measure_photometry(
         raise ValueError(f"data must be 2-D, got shape {data.shape}")
     if not exptime_s > 0 or not gain_e_per_adu > 0:
         raise ValueError("exptime_s and gain_e_per_adu must be positive")
-    bg = _background(data, mask, params)
+    if background is not None and background.image.shape != data.shape:
+        raise ValueError(f"background shape {background.image.shape} != data shape {data.shape}")
+    bg = _background(data, mask, params) if background is None else background
     sky = _num(bg.sky_adu)
     rn_adu = read_noise_e / gain_e_per_adu
     sky_rms = _num(max(bg.sky_rms_adu, rn_adu))

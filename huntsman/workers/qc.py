@@ -24,7 +24,13 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from huntsman.science.calibration import calibrate
 from huntsman.science.fitsio import read_raw, write_fits_atomic
-from huntsman.science.photometry import PhotometryParams, PhotometryResult, measure_photometry
+from huntsman.science.photometry import (
+    PhotometryParams,
+    PhotometryResult,
+    SkyBackground,
+    estimate_background,
+    measure_photometry,
+)
 from huntsman.science.provenance import Provenance, stamp_header
 from huntsman.science.psf import PSFResult, measure_psf
 from huntsman.science.refcat import CatalogueSpec, load_catalogue
@@ -261,7 +267,11 @@ def qc_frame(path: str, job: QCJob) -> QCOutcome:
     if not job.exptime_s > 0:
         return _failed(f"exposure time must be positive, got {job.exptime_s}", start)
     det = job.detector
-    bad = bias_bad | dark_bad | flat_bad | ~(flat >= job.min_flat_value)
+    bad = bias_bad | dark_bad  # in place from here on: frame-sized temporaries are costly
+    bad |= flat_bad
+    flat_ok = np.greater_equal(flat, job.min_flat_value)
+    bad |= np.invert(flat_ok, out=flat_ok)  # below min_flat_value or NaN
+    del bias_bad, dark_bad, flat_bad, flat_ok
     cal = calibrate(raw, job.exptime_s, bias, dark, flat, saturation_adu=det.saturation_adu,
                     bad_mask=bad)
     del raw, bias, dark, flat
@@ -273,12 +283,21 @@ def qc_frame(path: str, job: QCJob) -> QCOutcome:
     if wcs is None:
         failed["wcs"] = job.wcs_note or "no plate solution"
 
+    # One background (sep.Background over the unmasked pixels) for both PSF and photometry.
+    background: SkyBackground | None
     try:
-        # Unmasked: saturated stars must keep their high peaks to be rejected as such.
+        background = estimate_background(cal.data, cal.mask, job.photometry)
+    except Exception:  # each measurement then estimates it, and reports a failure, by itself
+        background = None
+
+    try:
+        # Unmasked data: saturated stars must keep their high peaks to be rejected as such.
         psf = measure_psf(
             cal.data, saturation_adu=det.saturation_adu - det.bias_level_adu,
             gain_e_per_adu=det.gain_e_per_adu, pixel_scale_arcsec=scale,
             max_stars=job.psf_max_stars,
+            background=None if background is None else background.back,
+            background_rms=None if background is None else background.global_rms,
         )
         metrics.update(_psf_metrics(psf, scale))
         if psf.error:
@@ -300,7 +319,7 @@ def qc_frame(path: str, job: QCJob) -> QCOutcome:
             cal.data, cal.mask, exptime_s=job.exptime_s, wcs=wcs, catalogue=catalogue,
             filter_name=job.filter_name or "", fwhm_px=metrics.get("fwhm_px"),
             pixel_scale_arcsec=scale, gain_e_per_adu=det.gain_e_per_adu,
-            read_noise_e=det.read_noise_e, params=job.photometry,
+            read_noise_e=det.read_noise_e, params=job.photometry, background=background,
         )
         metrics.update(_phot_metrics(phot))
         if phot.error and "zeropoint" not in failed:
