@@ -33,6 +33,7 @@ lint: $(STAMP)
 
 ## bench: benchmarks (not part of test); figures printed and written under benchmarks/results
 bench: $(STAMP) system-deps
+	$(PY) -m pip install --quiet -e '.[embedded,test,dev,bench]'
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/run_all.py --out benchmarks/results
 
