@@ -17,7 +17,7 @@ from typing import Any
 from huntsman import __version__
 from huntsman.config import Config
 from huntsman.logs import get_logger
-from huntsman.models import IngestParams
+from huntsman.models import DetectorConstants, IngestParams
 from huntsman.science.offline import configure_offline_astropy
 from huntsman.services.calib import CalibService
 from huntsman.services.http import StatusServer
@@ -38,7 +38,7 @@ def ingest_params(config: Config) -> IngestParams:
         camera_numbers=tuple(sorted(config.camera_numbers().items())),
         metrics=config.ingest.metrics,
         raw_root=str(config.paths.raw_dir.resolve()),
-        **config.detector.model_dump(),
+        detector=DetectorConstants(**config.detector.model_dump()),
     )
 
 

@@ -12,6 +12,7 @@ import enum
 from typing import Any
 
 __all__ = [
+    "DetectorConstants",
     "FileSource",
     "IngestParams",
     "IngestRequest",
@@ -63,19 +64,25 @@ class IngestRequest:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class IngestParams:
-    """Parameters of the ingestion worker, fixed at start-up."""
+class DetectorConstants:
+    """Nominal detector constants (the ``detector`` config section), for worker jobs."""
 
-    camera_numbers: tuple[tuple[str, int], ...] = ()
-    metrics: bool = True
-    raw_root: str | None = None
-    # Detector constants for the metrics (see DetectorConfig).
     saturation_adu: float = 4094.0
     gain_e_per_adu: float = 1.145
     read_noise_e: float = 2.4
     bias_level_adu: float = 32.0
     dark_current_e_per_s: float = 0.005
     pixel_scale_arcsec: float = 1.24
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IngestParams:
+    """Parameters of the ingestion worker, fixed at start-up."""
+
+    camera_numbers: tuple[tuple[str, int], ...] = ()
+    metrics: bool = True
+    raw_root: str | None = None
+    detector: DetectorConstants = DetectorConstants()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

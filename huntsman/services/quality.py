@@ -31,14 +31,14 @@ from typing import Any
 
 from huntsman import __version__
 from huntsman.config import DetectorConfig, PathsConfig, QCConfig
-from huntsman.models import utcnow
+from huntsman.models import DetectorConstants, utcnow
 from huntsman.science.provenance import Provenance, config_hash
 from huntsman.science.refcat import CatalogueSpec
 from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument
 from huntsman.store.exposures import ExposureCollection, ExposureDocument
 from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
-from huntsman.workers.qc import DetectorConstants, GradeThresholds, QCJob, QCOutcome, qc_frame
+from huntsman.workers.qc import GradeThresholds, QCJob, QCOutcome, qc_frame
 
 __all__ = ["QualityMonitor", "calibrated_path", "catalogue_spec"]
 
@@ -97,13 +97,7 @@ class QualityMonitor:
         self.config = config
         self.paths = paths
         self._log = log.bind(component="quality")
-        self.detector = DetectorConstants(
-            saturation_adu=detector.saturation_adu,
-            gain_e_per_adu=detector.gain_e_per_adu,
-            read_noise_e=detector.read_noise_e,
-            bias_level_adu=detector.bias_level_adu,
-            pixel_scale_arcsec=detector.pixel_scale_arcsec,
-        )
+        self.detector = DetectorConstants(**detector.model_dump())
         self.spec = catalogue_spec(config)
         self.provenance = Provenance(__version__, config_hash(config))
         self.queue: asyncio.Queue[tuple[str, bool]] = asyncio.Queue(maxsize=config.queue_size)

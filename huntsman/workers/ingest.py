@@ -71,13 +71,14 @@ def standard_fields(header: Any, filename: str, params: IngestParams) -> dict[st
 
 def _metrics(data: np.ndarray, fields: dict[str, Any], params: IngestParams) -> dict[str, Any]:
     """Every per-frame metric; each one that fails is listed under ``failed`` with its reason."""
+    detector = params.detector
     metric_params = MetricParams(
-        saturation_adu=params.saturation_adu,
-        pixel_scale_arcsec=params.pixel_scale_arcsec,
-        gain_e_per_adu=params.gain_e_per_adu,
-        read_noise_e=params.read_noise_e,
-        bias_level_adu=params.bias_level_adu,
-        dark_current_e_per_s=params.dark_current_e_per_s,
+        saturation_adu=detector.saturation_adu,
+        pixel_scale_arcsec=detector.pixel_scale_arcsec,
+        gain_e_per_adu=detector.gain_e_per_adu,
+        read_noise_e=detector.read_noise_e,
+        bias_level_adu=detector.bias_level_adu,
+        dark_current_e_per_s=detector.dark_current_e_per_s,
         exptime_s=fields.get("exposure_time"),
     )
     result = compute_metrics(data, fields["observation_type"], params=metric_params).to_dict()

@@ -22,6 +22,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
+from huntsman.models import DetectorConstants
 from huntsman.science.calibration import calibrate
 from huntsman.science.fitsio import read_raw, write_fits_atomic
 from huntsman.science.photometry import (
@@ -48,17 +49,6 @@ __all__ = [
 # Pipeline masters may be one row/column larger than the raw frame (LSST ExposureF: 801x801
 # for an 800x800 raw); a larger mismatch is an error.
 _MAX_CROP_PX = 1
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DetectorConstants:
-    """Nominal detector constants (from the ``detector`` config section)."""
-
-    saturation_adu: float = 4094.0
-    gain_e_per_adu: float = 1.145
-    read_noise_e: float = 2.4
-    bias_level_adu: float = 32.0
-    pixel_scale_arcsec: float = 1.24
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
