@@ -1,23 +1,29 @@
-"""Composition root: config → logging → store → pool → queues → services, staged shutdown.
+"""Composition root: lock → config → logging → store → pool → queues → services, staged shutdown.
 
-The only module that knows every part.  Shutdown order: stop intake (watcher) → drain the
-ingest queue up to a deadline → cancel what is left, logging the abandoned files (they are
-redone at the next start, since no document was written for them) → shut the pool down →
-close the database → stop the embedded server.
+The only module that knows every part.  The service lock on the var directory is taken before
+anything else starts and held for the process lifetime: a second service on the same data is
+refused (:class:`huntsman.lock.LockHeld`) having touched nothing.  SIGTERM, SIGINT and SIGHUP
+all trigger the same shutdown.  Shutdown order, each stage with its deadline: stop intake
+(watcher, database monitor) → drain the ingest queue → cancel what is left, logging the
+abandoned files (they are redone at the next start, since no document was written for them)
+→ shut the pool down → the heartbeat's final write → close the database client → stop the
+embedded server.  The sum is ``Config.shutdown_budget_s()``, below supervisord's stopwaitsecs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from huntsman import __version__
 from huntsman.config import Config
+from huntsman.lock import SERVICE_LOCK, PidLock
 from huntsman.logs import get_logger
-from huntsman.models import DetectorConstants, IngestParams
+from huntsman.models import DetectorConstants, FileSource, IngestParams
 from huntsman.science.offline import configure_offline_astropy
 from huntsman.services.calib import CalibService
 from huntsman.services.http import StatusServer
@@ -25,12 +31,15 @@ from huntsman.services.ingestor import FileIngestor
 from huntsman.services.quality import QualityMonitor
 from huntsman.services.reporter import ReportScheduler
 from huntsman.services.solver import PlateSolver
-from huntsman.services.tasks import cancel_and_wait
+from huntsman.services.tasks import cancel_and_wait, raise_if_cancelling
 from huntsman.services.watcher import DirectoryWatcher
-from huntsman.store.database import Database, open_database
+from huntsman.store.database import Database, DatabaseMonitor, database_away, open_database
 from huntsman.workers.pool import ComputePool, process_pool_factory
 
-__all__ = ["Application", "run_service"]
+__all__ = ["EXIT_DATABASE_LOST", "Application", "run_service"]
+
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+EXIT_DATABASE_LOST = 1  # the database cannot come back: supervisord restarts the whole process
 
 
 def ingest_params(config: Config) -> IngestParams:
@@ -97,6 +106,7 @@ class Application:
             config.watcher,
             log,
             concurrency=config.pool.max_in_flight,
+            write_retry_s=config.database.write_retry_s,
         )
         self.watcher = DirectoryWatcher(
             config.paths.raw_dir, self.ingestor.submit, config.watcher, log
@@ -121,6 +131,38 @@ class Application:
         self.http = StatusServer(
             config.http, database, pool, state=self.state, reports_dir=config.paths.reports_dir, log=log
         )
+        self._reconcile_wanted = asyncio.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop_retry_s = config.database.monitor_interval_s
+        self.exit_code = 0
+        self.monitor = DatabaseMonitor(
+            database, config.database, log, on_recovered=self._reconcile_wanted.set,
+            on_lost=self._database_lost,
+        )
+
+    def _database_lost(self, reason: str) -> None:
+        """The database cannot come back: shut down and exit non-zero (supervisord restarts)."""
+        self.exit_code = EXIT_DATABASE_LOST
+        self.log.error("service_exiting", reason=reason, exit_code=self.exit_code)
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _reconciler(self) -> None:
+        """After the database returns, scan the raw tree so every file gets its document.
+
+        Twice: at once, and again when every operation issued during the outage has either
+        succeeded or failed (their files are then no longer in flight and are picked up).
+        """
+        settle_s = self.config.database.server_selection_timeout_s
+        while True:
+            raise_if_cancelling()
+            await self._reconcile_wanted.wait()
+            self._reconcile_wanted.clear()
+            await self.watcher.ready.wait()
+            for _ in range(2):
+                files = await self.watcher.scan(self.watcher.root, FileSource.RECONCILE)
+                self.log.info("reconciled_after_outage", files=files)
+                await asyncio.sleep(settle_s)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -136,38 +178,66 @@ class Application:
             "pool_rebuilds": self.pool.rebuilds,
             "calib": self.calib.state(),
             "qc": self.quality.state(),
+            "database": self.monitor.state(),
         }
 
     async def _heartbeat(self) -> None:
+        deadline_s = self.config.database.server_selection_timeout_s
+        while True:
+            raise_if_cancelling()
+            try:
+                await asyncio.wait_for(self.database.services.beat(self.state()), deadline_s)
+            except Exception as exc:  # the database may be briefly away; keep beating
+                self.log.warning("heartbeat_failed", error=str(exc).splitlines()[0][:200]
+                                 if str(exc) else type(exc).__name__)
+            await asyncio.sleep(self.config.service.heartbeat_interval_s)
+
+    async def _outlasting_outages(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a service loop; one stopped by the database being away is started again.
+
+        The loop's start-up pass then catches up on what it missed.  Any other exception is
+        a bug and propagates (the process exits and supervisord restarts it).
+        """
         while True:
             try:
-                await self.database.services.beat(self.state())
-            except Exception as exc:  # the database may be briefly away; keep beating
-                self.log.warning("heartbeat_failed", error=str(exc))
-            await asyncio.sleep(self.config.service.heartbeat_interval_s)
+                await loop()
+                return
+            except Exception as exc:
+                if not database_away(exc):
+                    raise
+                self.log.warning("service_loop_interrupted", service=name,
+                                 error=type(exc).__name__, retry_in_s=self._loop_retry_s)
+            await asyncio.sleep(self._loop_retry_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every service until ``stop`` is set, then shut down in stages."""
         shutdown = self.config.shutdown
+        self._stop = stop
+
+        def service(group: asyncio.TaskGroup, name: str, loop: Callable[[], Awaitable[None]]) -> Any:
+            return group.create_task(self._outlasting_outages(name, loop), name=name)
+
         async with asyncio.TaskGroup() as group:
             intake = [
                 group.create_task(self.watcher.run(), name="watcher"),
                 group.create_task(self._heartbeat(), name="heartbeat"),
+                group.create_task(self.monitor.run(), name="database-monitor"),
+                group.create_task(self._reconciler(), name="reconciler"),
             ]
             if self.config.calib.enabled:
                 # Intake-like: cancelled first at shutdown; a build in progress is abandoned
                 # (its raw frames are still in the database, so the next start builds it).
-                intake.append(group.create_task(self.calib.run(), name="calib"))
+                intake.append(service(group, "calib", self.calib.run))
             if self.config.report.auto:
-                intake.append(group.create_task(self.reporter.run(), name="reporter"))
+                intake.append(service(group, "reporter", self.reporter.run))
             if self.config.http.enabled:
                 intake.append(group.create_task(self.http.run(), name="http"))
             work = [
-                group.create_task(self.ingestor.run(), name="ingestor"),
-                group.create_task(self.solver.run(), name="solver"),
+                service(group, "ingestor", self.ingestor.run),
+                service(group, "solver", self.solver.run),
             ]
             if self.config.qc.enabled:
-                work.append(group.create_task(self.quality.run(), name="quality"))
+                work.append(service(group, "quality", self.quality.run))
             stopper = group.create_task(stop.wait(), name="stop-wait")
             pending: set[asyncio.Task[Any]] = {stopper, *intake, *work}
             while stopper in pending:
@@ -186,6 +256,7 @@ class Application:
             self.pool.shutdown(shutdown.pool_timeout_s),
             self.background.shutdown(shutdown.pool_timeout_s),
         )
+        self.log.info("shutdown_stage", stage="database")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.database.services.stopped(), shutdown.database_timeout_s)
 
@@ -197,18 +268,32 @@ async def run_service(
 ) -> int:
     """The service's root coroutine; ``stop`` is the injectable shutdown trigger.
 
-    ``started`` is called with the application once its parts exist (tests use it).
+    ``started`` is called with the application once its parts exist (tests use it).  Raises
+    :class:`huntsman.lock.LockHeld`, having touched nothing, if a service already runs on
+    this var directory.  Returns the exit code: 0, or :data:`EXIT_DATABASE_LOST`.
     """
+    # First of all: one service per data directory (the kernel drops the lock if we die).
+    lock = await asyncio.to_thread(PidLock(config.paths.var_dir / SERVICE_LOCK).acquire)
+    try:
+        return await _run_locked(config, stop, started)
+    finally:
+        lock.release()
+
+
+async def _run_locked(
+    config: Config, stop: asyncio.Event | None, started: Callable[[Application], None] | None
+) -> int:
     log = get_logger(service="huntsman")
     configure_offline_astropy()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    log.info("service_starting", version=__version__, config=config.redacted())
-    config.paths.raw_dir.mkdir(parents=True, exist_ok=True)
-    async with open_database(config.database, log) as database:
+    for sig in SHUTDOWN_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, _on_signal, log, sig, stop)
+    log.info("service_starting", version=__version__, pid=os.getpid(), config=config.redacted())
+    await asyncio.to_thread(config.paths.raw_dir.mkdir, parents=True, exist_ok=True)
+    close_timeout_s = config.shutdown.close_timeout_s
+    async with open_database(config.database, log, close_timeout_s=close_timeout_s) as database:
         await database.ensure_indexes()
         pool = make_pool(config, log)
         background = make_pool(config, log, background=True)
@@ -223,5 +308,11 @@ async def run_service(
             await app.run(stop)
         finally:
             await asyncio.gather(pool.shutdown(0), background.shutdown(0))
-    log.info("service_stopped")
-    return 0
+            log.info("shutdown_stage", stage="close")
+    log.info("service_stopped", exit_code=app.exit_code)
+    return app.exit_code
+
+
+def _on_signal(log: Any, sig: signal.Signals, stop: asyncio.Event) -> None:
+    log.info("signal_received", signal=sig.name)
+    stop.set()

@@ -20,6 +20,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_ALREADY_RUNNING = 3  # ``run``: another service holds this var directory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="config file (default etc/huntsman.yaml)")
     parser.add_argument("--override", type=Path, help="local override file layered on top")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the service (the default)")
+    sub.add_parser(
+        "run", help="run the service (the default); SIGTERM, SIGINT and SIGHUP shut it down cleanly"
+    )
     sub.add_parser("validate-config", help="validate the configuration and print it")
     ingest = sub.add_parser("ingest", help="ingest files or directories (back-fill)")
     ingest.add_argument("paths", nargs="+", type=Path)
@@ -96,13 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("configuration OK", file=sys.stderr)
         return EXIT_OK
     if command == "run":
-        configure_logging(config.logging.level, config.logging.format)
-        from huntsman.app import run_service
-
-        try:
-            return _run(run_service(config))
-        except KeyboardInterrupt:
-            return EXIT_OK
+        return _run_command(config)
     # Command-line tools log warnings only, to stderr-friendly console output.
     configure_logging("WARNING", "console" if sys.stderr.isatty() else config.logging.format)
     from huntsman import commands, operations
@@ -119,6 +116,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reprocess": operations.reprocess,
     }
     return _run(handlers[command](config, args))
+
+
+def _run_command(config: Config) -> int:
+    from huntsman.app import run_service
+    from huntsman.lock import LockHeld
+    from huntsman.store.embedded import EmbeddedServerError
+
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        return _run(run_service(config))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except LockHeld as exc:
+        who = f"pid {exc.pid}" if exc.pid else "another process"
+        print(
+            f"huntsman: a service is already running on {config.paths.var_dir} ({who}); "
+            "not starting a second one",
+            file=sys.stderr,
+        )
+        return EXIT_ALREADY_RUNNING
+    except EmbeddedServerError as exc:
+        print(f"huntsman: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def json_default(value: Any) -> Any:

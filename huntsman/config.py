@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "HUNTSMAN_"
+# After SIGKILL the embedded server is reaped at once; this bounds that wait (in the budget).
+EMBEDDED_KILL_WAIT_S = 0.5
 _ENV_ALIASES = {
     "HUNTSMAN_MONGODB_URI": ("database", "uri"),
     "HUNTSMAN_RAW_DIR": ("paths", "raw_dir"),
@@ -69,13 +71,24 @@ class EmbeddedConfig(_Section):
     storage_dir: Path = Path("var/db")
     port: int = Field(27117, ge=0, le=65535, description="0 picks a free port")
     start_timeout_s: float = Field(30.0, gt=0)
-    stop_timeout_s: float = Field(3.0, gt=0)
+    stop_timeout_s: float = Field(2.5, gt=0, description="SIGTERM, then SIGKILL after this")
+    max_restarts: int = Field(
+        5, ge=0, description="restarts of a dead server, without a stable one between, before exit"
+    )
+    restart_backoff_s: float = Field(0.5, ge=0, description="first restart delay, doubled each try")
 
 
 class DatabaseConfig(_Section):
     uri: str = "embedded"
     name: str = "huntsman"
     server_selection_timeout_s: float = Field(5.0, gt=0)
+    monitor_interval_s: float = Field(1.0, gt=0, description="database health check period")
+    max_outage_s: float = Field(
+        120.0, gt=0, description="unreachable this long: the service exits non-zero"
+    )
+    write_retry_s: float = Field(
+        60.0, ge=0, description="an ingestion result's write is retried this long while away"
+    )
     embedded: EmbeddedConfig = EmbeddedConfig()
 
     @field_validator("uri")
@@ -248,26 +261,24 @@ class ShutdownConfig(_Section):
     drain_timeout_s: float = Field(3.0, ge=0)
     cancel_timeout_s: float = Field(0.5, gt=0, description="per stage, to stop cancelled tasks")
     pool_timeout_s: float = Field(2.0, ge=0)
-    database_timeout_s: float = Field(1.0, ge=0)
+    database_timeout_s: float = Field(0.5, ge=0, description="the heartbeat's final write")
+    close_timeout_s: float = Field(0.5, ge=0, description="closing the database client")
     stopwaitsecs: int = Field(15, ge=1, description="supervisord's stopwaitsecs")
 
-    @model_validator(mode="after")
-    def _fits_budget(self) -> ShutdownConfig:
-        total = self.budget_s()
-        if total >= self.stopwaitsecs:
-            raise ValueError(
-                f"drain+cancel+pool+database timeouts ({total:g} s) must stay below "
-                f"stopwaitsecs ({self.stopwaitsecs} s)"
-            )
-        return self
+    def budget_s(self, embedded_stop_timeout_s: float = 0.0) -> float:
+        """Worst-case shutdown time: every stage's deadline, the embedded server's stop included.
 
-    def budget_s(self) -> float:
-        """Worst-case shutdown time before the database closes (two cancellation stages)."""
+        Stages: drain, two cancellations, pool, final heartbeat, client close, then (embedded
+        database) SIGTERM wait plus the SIGKILL reap.  Holds with the database hung or dead.
+        """
+        embedded = embedded_stop_timeout_s + EMBEDDED_KILL_WAIT_S if embedded_stop_timeout_s else 0.0
         return (
             self.drain_timeout_s
             + 2 * self.cancel_timeout_s
             + self.pool_timeout_s
             + self.database_timeout_s
+            + self.close_timeout_s
+            + embedded
         )
 
 
@@ -321,6 +332,21 @@ class Config(_Section):
         if len(set(ids)) != len(ids):
             raise ValueError("camera cam_id values must be unique")
         return value
+
+    @model_validator(mode="after")
+    def _fits_stopwaitsecs(self) -> Config:
+        total = self.shutdown_budget_s()
+        if total >= self.shutdown.stopwaitsecs:
+            raise ValueError(
+                f"shutdown timeouts, embedded server stop included ({total:g} s), must stay "
+                f"below stopwaitsecs ({self.shutdown.stopwaitsecs} s)"
+            )
+        return self
+
+    def shutdown_budget_s(self) -> float:
+        """The whole shutdown's worst case (the embedded server's stop counted if it is used)."""
+        embedded = self.database.uri == "embedded"
+        return self.shutdown.budget_s(self.database.embedded.stop_timeout_s if embedded else 0.0)
 
     def camera_numbers(self) -> dict[str, int]:
         return {c.cam_id: c.detector_num for c in self.cameras}

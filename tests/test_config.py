@@ -87,7 +87,9 @@ def test_shutdown_budget_fits_supervisord_stopwaitsecs(tmp_path: Path) -> None:
     parser.read(ROOT / "etc" / "supervisord" / "huntsman.conf")
     stopwaitsecs = parser.getint("program:huntsman", "stopwaitsecs")
     config = load_config(ROOT / "etc" / "huntsman.yaml", environ={}, root=tmp_path)
-    budget = config.shutdown.budget_s() + config.database.embedded.stop_timeout_s
+    budget = config.shutdown_budget_s()
+    assert budget == config.shutdown.budget_s(config.database.embedded.stop_timeout_s)
+    assert budget > config.shutdown.budget_s() + config.database.embedded.stop_timeout_s
     assert config.shutdown.stopwaitsecs == stopwaitsecs
     assert budget <= 10 < stopwaitsecs  # the service promises exit within 10 s
     assert parser.get("program:huntsman", "stopsignal") == "TERM"

@@ -41,8 +41,9 @@ async def test_leftover_server_from_killed_run_is_replaced(tmp_path: Path) -> No
     await first.start()
     leftover_pid = first.pid
     assert leftover_pid is not None
-    # The owning process "dies": its server keeps running and holds the storage.
+    # The owning process "dies": the kernel drops its lock, its server keeps running.
     first._proc = None
+    first._lock.release()
     second = EmbeddedServer(tmp_path / "db", port=0, log=get_logger())
     try:
         uri = await second.start()

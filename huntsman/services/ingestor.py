@@ -17,6 +17,7 @@ from huntsman.config import IngestConfig, WatcherConfig
 from huntsman.models import FileSource, IngestParams, IngestRequest, IngestResult, utcnow
 from huntsman.science.wcs_writer import read_wcs_marker
 from huntsman.services.tasks import raise_if_cancelling
+from huntsman.store.database import retry_writes
 from huntsman.store.exposures import ExposureCollection, FileState
 from huntsman.workers.ingest import ingest_file
 from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
@@ -47,6 +48,7 @@ class FileIngestor:
         log: Any,
         *,
         concurrency: int,
+        write_retry_s: float = 60.0,
     ) -> None:
         self.exposures = exposures
         self.pool = pool
@@ -55,6 +57,7 @@ class FileIngestor:
         self.settle_s = watcher_config.settle_s
         self.queue: asyncio.Queue[IngestRequest] = asyncio.Queue(maxsize=config.queue_size)
         self.concurrency = concurrency
+        self.write_retry_s = write_retry_s  # the result waits this long for an absent database
         self._log = log.bind(component="ingestor")
         self._pending: set[str] = set()  # queued or in flight
         self._in_flight: set[str] = set()
@@ -177,12 +180,15 @@ class FileIngestor:
             and ident is not None
             and (ident[0], ident[1]) == (state.file_size, state.file_mtime_ns)
         )
-        status = await self.exposures.record_ingest(
-            result,
-            seen_at=request.seen_at,
-            previous=state,
-            max_tries=self.config.max_tries,
-            same_content=same_content,
+        status = await retry_writes(
+            lambda: self.exposures.record_ingest(
+                result,
+                seen_at=request.seen_at,
+                previous=state,
+                max_tries=self.config.max_tries,
+                same_content=same_content,
+            ),
+            deadline_s=self.write_retry_s, log=log, what="ingest_result",
         )
         self.counts[status] = self.counts.get(status, 0) + 1
         latency = (utcnow() - request.seen_at).total_seconds()

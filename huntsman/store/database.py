@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import os
 import socket
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from pymongo import AsyncMongoClient
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from huntsman.config import DatabaseConfig
 from huntsman.models import utcnow
 from huntsman.store.calibs import CalibCollection
-from huntsman.store.embedded import EmbeddedServer, find_running
+from huntsman.store.embedded import (
+    EmbeddedServer,
+    EmbeddedServerError,
+    StorageBusy,
+    wait_for_owner,
+)
 from huntsman.store.exposures import ExposureCollection
 
-__all__ = ["Database", "ServiceRegistry", "connect", "open_database"]
+__all__ = [
+    "Database", "DatabaseMonitor", "ServiceRegistry", "connect", "database_away", "open_database",
+    "retry_writes",
+]
+
+T = TypeVar("T")
+
+# Errors that mean "the database is away", not "this write is wrong".
+UNREACHABLE = (ConnectionFailure,)
 
 
 class ServiceRegistry:
@@ -62,6 +78,7 @@ class Database:
         self.exposures = ExposureCollection(self.db["exposures"])
         self.calibs = CalibCollection(self.db["calibs"], self.db["calib_status"])
         self.services = ServiceRegistry(self.db["service"])
+        self.server: EmbeddedServer | None = None  # set when this process runs the server
 
     async def ensure_indexes(self) -> None:
         await self.exposures.ensure_indexes()
@@ -71,8 +88,161 @@ class Database:
         await self.client.admin.command("ping")
         return True
 
-    async def close(self) -> None:
-        await self.client.close()
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Close the client; with ``timeout_s``, give up waiting on a hung server after it."""
+        # On timeout the process is exiting anyway: the sockets close with it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.client.close(), timeout_s)
+
+
+def database_away(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every leaf of an exception group) means the database is away."""
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(UNREACHABLE)
+        return rest is None
+    return isinstance(exc, UNREACHABLE)
+
+
+async def retry_writes(
+    write: Callable[[], Awaitable[T]], *, deadline_s: float, log: Any, what: str
+) -> T:
+    """Run ``write``, retrying while the database is unreachable, for up to ``deadline_s``.
+
+    Meant for idempotent writes (upserts by key) whose loss would drop a result, e.g. an
+    ingestion outcome while the embedded server is being restarted.  Other errors, and the
+    last unreachable one once the deadline has passed, propagate.
+    """
+    deadline = time.monotonic() + deadline_s
+    delay = 0.2
+    while True:
+        try:
+            return await write()
+        except UNREACHABLE as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("database_write_retry", what=what, error=str(exc).splitlines()[0][:200],
+                        retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class DatabaseMonitor:
+    """Watches the database; restarts the embedded server when it dies, reports outages.
+
+    ``on_recovered`` runs after every recovery (the service reconciles the raw tree then);
+    ``on_lost`` is called once, with a one-line reason, when the database cannot come back:
+    more than ``embedded.max_restarts`` restarts without a stable server in between, or an
+    outage longer than ``max_outage_s``.  The monitor returns after ``on_lost``.
+    """
+
+    STABLE_S = 60.0  # a server that has answered this long resets the restart count
+
+    def __init__(
+        self,
+        database: Database,
+        config: DatabaseConfig,
+        log: Any,
+        *,
+        on_recovered: Callable[[], None],
+        on_lost: Callable[[str], None],
+    ) -> None:
+        self.database = database
+        self.server = database.server
+        self.config = config
+        self.log = log.bind(component="database_monitor")
+        self.on_recovered = on_recovered
+        self.on_lost = on_lost
+        self.restarts = 0
+        self.outages = 0
+        self._attempts = 0
+        self._up_since = time.monotonic()
+        self._outage_since: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"restarts": self.restarts, "outages": self.outages,
+                "reachable": self._outage_since is None}
+
+    async def run(self) -> None:
+        interval = self.config.monitor_interval_s
+        while True:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # a driver call ate the cancellation
+                raise asyncio.CancelledError
+            if self.server is not None and await self._died(interval):
+                if not await self._restart():
+                    return
+                continue
+            if self.server is None:
+                await asyncio.sleep(interval)
+            if await self._ping():
+                if time.monotonic() - self._up_since > self.STABLE_S:
+                    self._attempts = 0
+                if self._outage_since is not None:
+                    self.log.info("database_recovered",
+                                  outage_s=round(time.monotonic() - self._outage_since, 1))
+                    self._outage_since = None
+                    self.on_recovered()
+                continue
+            now = time.monotonic()
+            if self._outage_since is None:
+                self._outage_since = now
+                self.outages += 1
+                self.log.warning("database_unreachable")
+            elif now - self._outage_since > self.config.max_outage_s:
+                self._lost(f"database unreachable for more than {self.config.max_outage_s:g} s")
+                return
+
+    async def _died(self, interval_s: float) -> bool:
+        """Wait up to ``interval_s`` for the embedded child to exit; whether it did."""
+        assert self.server is not None
+        try:
+            code = await asyncio.wait_for(self.server.wait_exited(), interval_s)
+        except TimeoutError:
+            return False
+        except EmbeddedServerError:  # no child (a failed restart): restart again
+            code = None
+        self.log.error("embedded_server_died", returncode=code, pid=self.server.pid)
+        return True
+
+    async def _ping(self) -> bool:
+        try:
+            await asyncio.wait_for(
+                self.database.client.admin.command("ping"), self.config.server_selection_timeout_s
+            )
+        except (TimeoutError, PyMongoError):
+            return False
+        return True
+
+    async def _restart(self) -> bool:
+        """Restart the embedded server with back-off; ``False`` once the bound is passed."""
+        assert self.server is not None
+        embedded = self.config.embedded
+        while True:
+            self._attempts += 1
+            if self._attempts > embedded.max_restarts:
+                self._lost(
+                    f"embedded database restarted {embedded.max_restarts} times without "
+                    f"staying up; see {self.server.storage_dir / 'server.log'}"
+                )
+                return False
+            delay = min(embedded.restart_backoff_s * 2 ** (self._attempts - 1), 30.0)
+            await asyncio.sleep(delay)
+            try:
+                await self.server.restart()
+            except EmbeddedServerError as exc:
+                self.log.error("embedded_restart_failed", attempt=self._attempts, error=str(exc))
+                continue
+            self.restarts += 1
+            self._up_since = time.monotonic()
+            self._outage_since = None
+            self.log.warning("embedded_server_restarted", attempt=self._attempts,
+                             pid=self.server.pid, port=self.server.port)
+            self.on_recovered()
+            return True
+
+    def _lost(self, reason: str) -> None:
+        self.log.error("database_lost", reason=reason)
+        self.on_lost(reason)
 
 
 def connect(uri: str, name: str, server_selection_timeout_s: float = 5.0) -> Database:
@@ -88,36 +258,55 @@ def connect(uri: str, name: str, server_selection_timeout_s: float = 5.0) -> Dat
 
 @contextlib.asynccontextmanager
 async def open_database(
-    config: DatabaseConfig, log: Any, *, reuse_running: bool = False
+    config: DatabaseConfig,
+    log: Any,
+    *,
+    reuse_running: bool = False,
+    close_timeout_s: float | None = None,
 ) -> AsyncIterator[Database]:
     """The configured database; starts (and finally stops) the embedded server if needed.
 
     With ``reuse_running`` (command-line tools), an embedded server already started by a
-    running service on the same storage is used instead of starting a second one.
+    running service on the same storage is used instead of starting a second one; while a
+    service owns the storage but its server is not answering yet, the tool waits for it.
+    ``close_timeout_s`` bounds the client's close (the service's shutdown budget).
     """
     server: EmbeddedServer | None = None
     uri = config.uri
-    if uri == "embedded":
-        running = find_running(config.embedded.storage_dir) if reuse_running else None
-        if running is not None:
-            uri = running
-        else:
-            server = EmbeddedServer(
-                config.embedded.storage_dir,
-                port=config.embedded.port,
-                start_timeout_s=config.embedded.start_timeout_s,
-                stop_timeout_s=config.embedded.stop_timeout_s,
-                log=log,
-            )
+    embedded = config.embedded
+    while uri == "embedded":
+        if reuse_running:
+            # A live owner (a service, even one still starting or restarting its server)
+            # is waited for; a second server on its storage is never started.
+            running = await wait_for_owner(embedded.storage_dir, embedded.start_timeout_s)
+            if running is not None:
+                uri = running
+                break
+        server = EmbeddedServer(
+            embedded.storage_dir,
+            port=embedded.port,
+            start_timeout_s=embedded.start_timeout_s,
+            stop_timeout_s=embedded.stop_timeout_s,
+            # The service waits for a command-line tool that owns the storage to finish.
+            lock_wait_s=0.0 if reuse_running else embedded.start_timeout_s,
+            log=log,
+        )
+        try:
             uri = await server.start()
-            log.info("embedded_server_started", port=server.port, pid=server.pid,
-                     storage=str(server.data_dir))
+        except StorageBusy:
+            if reuse_running:
+                server = None
+                continue  # lost the race for the storage to a starting service: use its server
+            raise
+        log.info("embedded_server_started", port=server.port, pid=server.pid,
+                 storage=str(server.data_dir))
     database = connect(uri, config.name, config.server_selection_timeout_s)
+    database.server = server
     try:
         await database.ping()
         yield database
     finally:
-        await database.close()
+        await database.close(close_timeout_s)
         if server is not None:
             await server.stop()
             log.info("embedded_server_stopped")

@@ -4,6 +4,11 @@ SecantusDB is GPL-2.0: it is only ever run as a separate program (``secantusd-py
 imported.  The launcher writes ``server.json`` (pid, port) in the storage directory so that
 command-line tools can reach a running server, and so that a server left behind by a killed
 run is found and stopped before the next start.
+
+Whoever runs the server child holds ``embedded.lock`` in the storage directory for as long as
+it owns the server (restarts included).  Only a process that could take that lock stops a
+leftover server: the lock being free proves the leftover's owner is dead.  Command-line tools
+that find the lock held wait for the owner's server instead of starting a second one.
 """
 
 from __future__ import annotations
@@ -24,13 +29,24 @@ import psutil
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
-__all__ = ["EmbeddedServer", "EmbeddedServerError", "find_running", "server_command"]
+from huntsman.config import EMBEDDED_KILL_WAIT_S
+from huntsman.lock import LockHeld, PidLock, holder
+
+__all__ = [
+    "EMBEDDED_LOCK", "EmbeddedServer", "EmbeddedServerError", "StorageBusy", "find_running",
+    "owner_pid", "server_command", "wait_for_owner",
+]
 
 STATE_FILE = "server.json"
+EMBEDDED_LOCK = "embedded.lock"
 
 
 class EmbeddedServerError(RuntimeError):
     """The embedded server could not be started."""
+
+
+class StorageBusy(EmbeddedServerError):
+    """Another live process owns the embedded server on this storage."""
 
 
 def server_command() -> list[str]:
@@ -55,7 +71,10 @@ def _free_port() -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` (connections of a dead one in TIME_WAIT
+    do not count: servers bind with ``SO_REUSEADDR``, so a restart gets its port back)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -91,6 +110,33 @@ def find_running(storage_dir: Path) -> str | None:
     return f"mongodb://127.0.0.1:{int(state['port'])}/"
 
 
+def owner_pid(storage_dir: Path) -> int | None:
+    """PID of the live process owning the embedded server on ``storage_dir`` (0: unknown)."""
+    return holder(Path(storage_dir) / EMBEDDED_LOCK)
+
+
+async def wait_for_owner(storage_dir: Path, timeout_s: float) -> str | None:
+    """URI of the owner's server once it answers; ``None`` if the storage has no live owner.
+
+    Raises :class:`EmbeddedServerError` if an owner holds the storage but its server does
+    not appear within ``timeout_s`` (a service starting or restarting its database).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        owner = await asyncio.to_thread(owner_pid, storage_dir)
+        uri = await asyncio.to_thread(find_running, storage_dir)
+        if owner is None:
+            return None
+        if uri is not None:
+            return uri
+        if time.monotonic() > deadline:
+            raise EmbeddedServerError(
+                f"the embedded database on {storage_dir} is owned by pid {owner or '?'} "
+                f"but did not answer within {timeout_s:g} s"
+            )
+        await asyncio.sleep(0.1)
+
+
 class EmbeddedServer:
     """Start, health-check and stop one ``secantusd-py`` child process."""
 
@@ -103,6 +149,7 @@ class EmbeddedServer:
         stop_timeout_s: float = 3.0,
         memory: bool = False,
         test_commands: bool = False,
+        lock_wait_s: float = 0.0,
         log: Any = None,
     ) -> None:
         self.storage_dir = Path(storage_dir)
@@ -112,7 +159,9 @@ class EmbeddedServer:
         self.memory = memory
         self.test_commands = test_commands
         self.port: int | None = None
+        self.lock_wait_s = lock_wait_s
         self._proc: asyncio.subprocess.Process | None = None
+        self._lock = PidLock(self.storage_dir / EMBEDDED_LOCK)
         self._log = log
 
     @property
@@ -129,15 +178,52 @@ class EmbeddedServer:
     def data_dir(self) -> Path:
         return self.storage_dir / "data"
 
+    @property
+    def returncode(self) -> int | None:
+        """The child's exit code once it has died (``None`` while it runs or before start)."""
+        return self._proc.returncode if self._proc is not None else None
+
+    async def wait_exited(self) -> int:
+        """Wait until the child exits; its exit code."""
+        if self._proc is None:
+            raise EmbeddedServerError("embedded server is not running")
+        return await self._proc.wait()
+
     async def start(self) -> str:
-        """Start the server and wait until it answers ``ping``; returns its URI."""
-        self.storage_dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._stop_leftover)
-        port = self.requested_port
-        if port == 0 or not _port_free(port):
-            if port and self._log is not None:
-                self._log.warning("embedded_port_busy", port=port)
-            port = _free_port()
+        """Take the storage, stop a leftover, start the server, wait for ``ping``; its URI."""
+        await asyncio.to_thread(self.storage_dir.mkdir, parents=True, exist_ok=True)
+        if not self._lock.held:
+            try:
+                await asyncio.to_thread(self._lock.acquire, self.lock_wait_s)
+            except LockHeld as exc:
+                raise StorageBusy(
+                    f"the embedded database on {self.storage_dir} is in use by pid {exc.pid or '?'}"
+                ) from None
+        try:
+            await asyncio.to_thread(self._stop_leftover)
+            port = self.requested_port
+            if port == 0 or not _port_free(port):
+                if port and self._log is not None:
+                    self._log.warning("embedded_port_busy", port=port)
+                port = _free_port()
+            return await self._launch(port)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    async def restart(self) -> str:
+        """Start the server again on the same port and storage (the lock stays held)."""
+        if self.port is None or not self._lock.held:
+            raise EmbeddedServerError("embedded server was never started")
+        port = self.port
+        if self._proc is not None and self._proc.returncode is None:
+            await self._terminate(self._proc)
+        self._proc = None
+        if not await asyncio.to_thread(_port_free, port):
+            raise EmbeddedServerError(f"port {port} of the embedded server is taken")
+        return await self._launch(port)
+
+    async def _launch(self, port: int) -> str:
         storage = ":memory:" if self.memory else str(self.data_dir)
         cmd = [*server_command(), "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--storage-path", storage, "--log-level", "WARNING"]
@@ -156,6 +242,7 @@ class EmbeddedServer:
             log_file.close()
         self.port = port
         await self._wait_ready()
+        assert self._proc is not None
         state = {"pid": self._proc.pid, "port": port, "storage": storage, "started": time.time()}
         await asyncio.to_thread((self.storage_dir / STATE_FILE).write_text, json.dumps(state))
         return self.uri
@@ -178,7 +265,8 @@ class EmbeddedServer:
                     return
                 except PyMongoError:
                     if time.monotonic() > deadline:
-                        await self.stop()
+                        proc, self._proc = self._proc, None
+                        await self._terminate(proc)
                         raise EmbeddedServerError(
                             f"embedded server did not answer within {self.start_timeout_s:g} s; "
                             f"see {self.storage_dir / 'server.log'}"
@@ -206,20 +294,28 @@ class EmbeddedServer:
         with contextlib.suppress(FileNotFoundError):
             (self.storage_dir / STATE_FILE).unlink()
 
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL after ``stop_timeout_s``."""
-        proc, self._proc = self._proc, None
-        if proc is None:
+    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM, then SIGKILL after ``stop_timeout_s`` (a stopped process ignores SIGTERM)."""
+        if proc.returncode is not None:
             return
-        if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        with contextlib.suppress(FileNotFoundError):
-            (self.storage_dir / STATE_FILE).unlink()
-        self.port = None
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), EMBEDDED_KILL_WAIT_S)
+
+    async def stop(self) -> None:
+        """Stop the child (SIGTERM, SIGKILL after ``stop_timeout_s``) and give the storage up."""
+        proc, self._proc = self._proc, None
+        try:
+            if proc is not None:
+                await self._terminate(proc)
+            with contextlib.suppress(FileNotFoundError):
+                (self.storage_dir / STATE_FILE).unlink()
+            self.port = None
+        finally:
+            self._lock.release()
