@@ -265,19 +265,24 @@ async def run_service(
     config: Config,
     stop: asyncio.Event | None = None,
     started: Callable[[Application], None] | None = None,
+    *,
+    lock: PidLock | None = None,
 ) -> int:
     """The service's root coroutine; ``stop`` is the injectable shutdown trigger.
 
     ``started`` is called with the application once its parts exist (tests use it).  Raises
     :class:`huntsman.lock.LockHeld`, having touched nothing, if a service already runs on
-    this var directory.  Returns the exit code: 0, or :data:`EXIT_DATABASE_LOST`.
+    this var directory (``lock``: already taken by the caller, who releases it).  Returns
+    the exit code: 0, or :data:`EXIT_DATABASE_LOST`.
     """
+    if lock is not None and lock.held:
+        return await _run_locked(config, stop, started)
     # First of all: one service per data directory (the kernel drops the lock if we die).
-    lock = await asyncio.to_thread(PidLock(config.paths.var_dir / SERVICE_LOCK).acquire)
+    own = await asyncio.to_thread(PidLock(config.paths.var_dir / SERVICE_LOCK).acquire)
     try:
         return await _run_locked(config, stop, started)
     finally:
-        lock.release()
+        own.release()
 
 
 async def _run_locked(

@@ -119,15 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(config: Config) -> int:
-    from huntsman.app import run_service
-    from huntsman.lock import LockHeld
-    from huntsman.store.embedded import EmbeddedServerError
+    # The lock first, before the heavy imports: a refused second run answers at once.
+    from huntsman.lock import SERVICE_LOCK, LockHeld, PidLock
 
-    configure_logging(config.logging.level, config.logging.format)
     try:
-        return _run(run_service(config))
-    except KeyboardInterrupt:
-        return EXIT_OK
+        lock = PidLock(config.paths.var_dir / SERVICE_LOCK).acquire()
     except LockHeld as exc:
         who = f"pid {exc.pid}" if exc.pid else "another process"
         print(
@@ -136,9 +132,19 @@ def _run_command(config: Config) -> int:
             file=sys.stderr,
         )
         return EXIT_ALREADY_RUNNING
+    from huntsman.app import run_service
+    from huntsman.store.embedded import EmbeddedServerError
+
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        return _run(run_service(config, lock=lock))
+    except KeyboardInterrupt:
+        return EXIT_OK
     except EmbeddedServerError as exc:
         print(f"huntsman: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        lock.release()
 
 
 def json_default(value: Any) -> Any:
