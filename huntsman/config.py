@@ -106,6 +106,9 @@ class PoolConfig(_Section):
     max_in_flight: int = Field(4, ge=1, le=1024)
     context: Literal["spawn", "forkserver"] = "forkserver"
     job_timeout_s: float = Field(120.0, gt=0)
+    worker_memory_mb: int = Field(
+        4096, ge=0, description="address-space cap of each worker (RLIMIT_AS); 0 = no cap"
+    )
 
 
 class WatcherConfig(_Section):
@@ -139,6 +142,9 @@ class IngestConfig(_Section):
     max_tries: int = Field(3, ge=1, le=100)
     queue_size: int = Field(2000, ge=1)
     metrics: bool = True
+    max_pixels: int = Field(
+        80_725_248, ge=0, description="larger frames are refused unread; 0 = no limit"
+    )
 
 
 class DetectorConfig(_Section):
