@@ -9,6 +9,7 @@ no process that descended from it may remain.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import signal
@@ -23,6 +24,7 @@ import psutil
 import pytest
 from astropy.io import fits
 
+from huntsman.models import FileSource, IngestRequest, utcnow
 from huntsman.store.database import Database
 from tests.conftest import (
     PYTHON,
@@ -130,6 +132,36 @@ async def test_corrupt_tile_and_huge_header_get_failed_documents(
     good = copy_sample("science_0", night)
     assert (await _doc(database, good))["ingest"]["status"] == "ok"
     assert service.app.pool.rebuilds == 0  # no worker died: each fault was a plain result
+
+    # The usual rules then hold: a rescan leaves it alone, each start-up reconciliation retries
+    # it once, and after ingest.max_tries it is quarantined, not crashed on again.
+    async def tries() -> tuple[int, str]:
+        doc = await database.exposures.get(str(tile))
+        assert doc is not None
+        return int(doc["ingest"]["tries"]), doc["ingest"]["status"]
+
+    assert await tries() == (1, "failed")
+    ingestor = service.app.ingestor
+    await ingestor.submit(IngestRequest(str(tile), utcnow(), FileSource.SCAN))
+    await ingestor.submit(IngestRequest(str(good), utcnow(), FileSource.SCAN))
+    await wait_for(lambda: _idle(ingestor), 30)
+    assert await tries() == (1, "failed")
+    for n, status in ((2, "failed"), (3, "quarantined")):
+        await ingestor.submit(IngestRequest(str(tile), utcnow(), FileSource.RECONCILE))
+        await wait_for(functools.partial(_tries_at_least, database, tile, n), 30)
+        assert await tries() == (n, status)
+    await ingestor.submit(IngestRequest(str(tile), utcnow(), FileSource.RECONCILE))
+    await wait_for(lambda: _idle(ingestor), 30)
+    assert await tries() == (3, "quarantined")
+
+
+async def _idle(ingestor: Any) -> bool:
+    return bool(ingestor.idle())
+
+
+async def _tries_at_least(database: Database, path: Path, n: int) -> bool:
+    doc = await database.exposures.get(str(path))
+    return doc is not None and int(doc["ingest"]["tries"]) >= n
 
 
 async def test_memory_error_under_the_cap_is_a_failed_document(
