@@ -62,6 +62,10 @@ def worker_init(
         # the service, and a thread that ends would take the worker with it.)
         die_with_parent()
     watch_service(service_pid)
+    # One BLAS/OpenMP thread per worker (numpy is not imported yet): the pool already has a
+    # process per core, and every extra thread reserves address space counted by the cap.
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
     limit_memory(memory_mb)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(log_level, log_format, process=f"worker-{os.getpid()}")  # type: ignore[arg-type]
