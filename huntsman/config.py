@@ -98,6 +98,11 @@ class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+# Address space of an idle worker with the science stack imported is ~0.3 GB; a master build
+# uses calib.memory_limit_mb on top of it.
+_WORKER_BASELINE_MB = 512
+
+
 class PoolConfig(_Section):
     """Worker processes: one pool for ingestion, one for solving, calibration and QC."""
 
@@ -327,6 +332,16 @@ class Config(_Section):
         if len(set(ids)) != len(ids):
             raise ValueError("camera cam_id values must be unique")
         return value
+
+    @model_validator(mode="after")
+    def _master_fits_in_a_worker(self) -> Config:
+        cap, stack = self.pool.worker_memory_mb, self.calib.memory_limit_mb
+        if cap and stack + _WORKER_BASELINE_MB > cap:
+            raise ValueError(
+                f"pool.worker_memory_mb ({cap}) must be at least calib.memory_limit_mb ({stack:g}) "
+                f"+ {_WORKER_BASELINE_MB} MB for the worker itself (or 0 for no cap)"
+            )
+        return self
 
     def camera_numbers(self) -> dict[str, int]:
         return {c.cam_id: c.detector_num for c in self.cameras}

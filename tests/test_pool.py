@@ -8,9 +8,11 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from huntsman.config import ConfigError, load_config
 from huntsman.logs import get_logger
 from huntsman.workers.pool import (
     ComputePool,
@@ -19,6 +21,7 @@ from huntsman.workers.pool import (
     PoolBroken,
     process_pool_factory,
 )
+from tests.conftest import ROOT
 
 
 def slow(seconds: float) -> int:
@@ -140,3 +143,11 @@ async def test_worker_memory_is_capped() -> None:
 
 async def test_no_cap_when_zero(pool: ComputePool) -> None:
     assert await pool.run(address_space_limit) == resource.getrlimit(resource.RLIMIT_AS)[0]
+
+
+def test_master_budget_must_fit_under_the_worker_cap(tmp_path: Path) -> None:
+    env = {"HUNTSMAN_POOL__WORKER_MEMORY_MB": "1024", "HUNTSMAN_CALIB__MEMORY_LIMIT_MB": "1024"}
+    with pytest.raises(ConfigError, match=r"pool\.worker_memory_mb \(1024\) must be at least"):
+        load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path)
+    env["HUNTSMAN_POOL__WORKER_MEMORY_MB"] = "0"  # no cap
+    assert load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path).pool.worker_memory_mb == 0
