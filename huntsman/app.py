@@ -48,6 +48,7 @@ def ingest_params(config: Config) -> IngestParams:
         metrics=config.ingest.metrics,
         raw_root=str(config.paths.raw_dir.resolve()),
         detector=DetectorConstants(**config.detector.model_dump()),
+        max_pixels=config.ingest.max_pixels,
     )
 
 
@@ -59,7 +60,9 @@ def make_pool(config: Config, log: Any, *, background: bool = False) -> ComputeP
     """
     log_format = "json" if config.logging.format == "auto" else config.logging.format
     workers = config.pool.background_workers if background else config.pool.max_workers
-    factory = process_pool_factory(workers, config.pool.context, config.logging.level, log_format)
+    factory = process_pool_factory(
+        workers, config.pool.context, config.logging.level, log_format, config.pool.worker_memory_mb
+    )
     return ComputePool(
         factory,
         max_in_flight=workers if background else config.pool.max_in_flight,

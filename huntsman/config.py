@@ -111,6 +111,11 @@ class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+# Address space of an idle worker with the science stack imported is ~0.3 GB; a master build
+# uses calib.memory_limit_mb on top of it.
+_WORKER_BASELINE_MB = 512
+
+
 class PoolConfig(_Section):
     """Worker processes: one pool for ingestion, one for solving, calibration and QC."""
 
@@ -119,6 +124,9 @@ class PoolConfig(_Section):
     max_in_flight: int = Field(4, ge=1, le=1024)
     context: Literal["spawn", "forkserver"] = "forkserver"
     job_timeout_s: float = Field(120.0, gt=0)
+    worker_memory_mb: int = Field(
+        4096, ge=0, description="address-space cap of each worker (RLIMIT_AS); 0 = no cap"
+    )
 
 
 class WatcherConfig(_Section):
@@ -152,6 +160,9 @@ class IngestConfig(_Section):
     max_tries: int = Field(3, ge=1, le=100)
     queue_size: int = Field(2000, ge=1)
     metrics: bool = True
+    max_pixels: int = Field(
+        80_725_248, ge=0, description="larger frames are refused unread; 0 = no limit"
+    )
 
 
 class DetectorConfig(_Section):
@@ -347,6 +358,16 @@ class Config(_Section):
         """The whole shutdown's worst case (the embedded server's stop counted if it is used)."""
         embedded = self.database.uri == "embedded"
         return self.shutdown.budget_s(self.database.embedded.stop_timeout_s if embedded else 0.0)
+
+    @model_validator(mode="after")
+    def _master_fits_in_a_worker(self) -> Config:
+        cap, stack = self.pool.worker_memory_mb, self.calib.memory_limit_mb
+        if cap and stack + _WORKER_BASELINE_MB > cap:
+            raise ValueError(
+                f"pool.worker_memory_mb ({cap}) must be at least calib.memory_limit_mb ({stack:g}) "
+                f"+ {_WORKER_BASELINE_MB} MB for the worker itself (or 0 for no cap)"
+            )
+        return self
 
     def camera_numbers(self) -> dict[str, int]:
         return {c.cam_id: c.detector_num for c in self.cameras}

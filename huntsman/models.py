@@ -83,6 +83,7 @@ class IngestParams:
     metrics: bool = True
     raw_root: str | None = None
     detector: DetectorConstants = DetectorConstants()
+    max_pixels: int = 0  # larger frames are refused before their data are read; 0: no limit
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,15 +1,27 @@
-"""The compute pool: bounded, timed out jobs and a pool rebuilt after a worker dies."""
+"""The compute pool: bounded, timed out jobs, a pool rebuilt after a worker dies, and whatever a
+job raises (unpicklable, ``MemoryError``, ``SystemExit``) back as :class:`JobFailed` text."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from huntsman.config import ConfigError, load_config
 from huntsman.logs import get_logger
-from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken, process_pool_factory
+from huntsman.workers.pool import (
+    ComputePool,
+    JobFailed,
+    JobTimeout,
+    PoolBroken,
+    process_pool_factory,
+)
+from tests.conftest import ROOT
 
 
 def slow(seconds: float) -> int:
@@ -19,6 +31,34 @@ def slow(seconds: float) -> int:
 
 def die() -> None:
     os._exit(3)
+
+
+class Unpicklable(Exception):
+    """Like astropy's CfitsioException: raised in a worker, it cannot be pickled back."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.callback = lambda: None
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable("decompression error: hit end of compressed byte stream")
+
+
+def allocate(n_bytes: int) -> int:
+    return len(bytearray(n_bytes))
+
+
+def exit_job() -> None:
+    sys.exit(5)
+
+
+def unpicklable_result() -> object:
+    return lambda: None
+
+
+def address_space_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_AS)[0]
 
 
 @pytest.fixture
@@ -68,3 +108,46 @@ async def test_any_executor_can_be_used() -> None:
     p = ComputePool(lambda: ThreadPoolExecutor(2), max_in_flight=2, job_timeout_s=5, log=get_logger())
     assert await p.run(slow, 0) == os.getpid()
     await p.shutdown(1)
+
+
+async def test_unpicklable_exception_comes_back_as_text(pool: ComputePool) -> None:
+    with pytest.raises(JobFailed) as caught:
+        await pool.run(raise_unpicklable)
+    assert str(caught.value) == "Unpicklable: decompression error: hit end of compressed byte stream"
+    assert pool.rebuilds == 0  # the worker lives on
+    assert isinstance(await pool.run(slow, 0), int)
+
+
+async def test_system_exit_and_unpicklable_result_are_failures(pool: ComputePool) -> None:
+    with pytest.raises(JobFailed, match=r"^SystemExit: 5$"):
+        await pool.run(exit_job)
+    with pytest.raises(JobFailed, match="Can't pickle"):
+        await pool.run(unpicklable_result)
+    assert pool.rebuilds == 0
+
+
+async def test_worker_memory_is_capped() -> None:
+    own_limit = address_space_limit()
+    factory = process_pool_factory(1, "forkserver", memory_mb=1024)
+    p = ComputePool(factory, max_in_flight=1, job_timeout_s=30, log=get_logger())
+    try:
+        assert await p.run(address_space_limit) == 1024 * 2**20
+        with pytest.raises(JobFailed, match=r"^MemoryError"):
+            await p.run(allocate, 2 * 2**30)
+        assert await p.run(allocate, 100 * 2**20) == 100 * 2**20  # the worker recovered
+        assert p.rebuilds == 0
+    finally:
+        await p.shutdown(1)
+    assert address_space_limit() == own_limit  # the service itself is not capped
+
+
+async def test_no_cap_when_zero(pool: ComputePool) -> None:
+    assert await pool.run(address_space_limit) == resource.getrlimit(resource.RLIMIT_AS)[0]
+
+
+def test_master_budget_must_fit_under_the_worker_cap(tmp_path: Path) -> None:
+    env = {"HUNTSMAN_POOL__WORKER_MEMORY_MB": "1024", "HUNTSMAN_CALIB__MEMORY_LIMIT_MB": "1024"}
+    with pytest.raises(ConfigError, match=r"pool\.worker_memory_mb \(1024\) must be at least"):
+        load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path)
+    env["HUNTSMAN_POOL__WORKER_MEMORY_MB"] = "0"  # no cap
+    assert load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path).pool.worker_memory_mb == 0

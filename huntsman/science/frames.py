@@ -19,6 +19,7 @@ __all__ = [
     "FrameError",
     "RawFrame",
     "header_to_dict",
+    "n_pixels",
     "read_frame",
     "read_header",
     "salvage_header",
@@ -205,11 +206,44 @@ def read_header(path: str | Path) -> fits.Header:
     return read_frame(path, with_data=False).header
 
 
-def read_frame(path: str | Path, *, with_data: bool = True) -> RawFrame:
+def n_pixels(header: fits.Header) -> int:
+    """Pixels of the image a header describes: the product of ``NAXISn`` (``ZNAXISn`` when
+    the header still has them, as a tile-compressed table's does)."""
+    prefix = "ZNAXIS" if "ZNAXIS" in header else "NAXIS"
+    naxis = header.get(prefix, 0)
+    if not isinstance(naxis, int) or naxis <= 0:
+        return 0
+    total = 1
+    for axis in range(1, naxis + 1):
+        length = header.get(f"{prefix}{axis}", 0)
+        if not isinstance(length, int) or length < 0:
+            raise FrameError(f"invalid {prefix}{axis} = {length!r} in the image header", header)
+        total *= length
+    return total
+
+
+def _check_pixels(header: fits.Header, max_pixels: int | None) -> None:
+    if not max_pixels:
+        return
+    total = n_pixels(header)
+    if total > max_pixels:
+        axes = "×".join(str(header.get(f"NAXIS{i}")) for i in range(1, int(header["NAXIS"]) + 1))
+        raise FrameError(
+            f"frame too large: {axes} = {total / 1e6:.1f} Mpx is above the limit of "
+            f"{max_pixels / 1e6:.1f} Mpx (ingest.max_pixels); pixel data not read",
+            header,
+        )
+
+
+def read_frame(
+    path: str | Path, *, with_data: bool = True, max_pixels: int | None = None
+) -> RawFrame:
     """Read a raw frame; :class:`FrameError` with a clear reason for every kind of bad file.
 
     The primary HDU is used when it holds an image; otherwise the first image extension
     (always HDU 1 for ``.fits.fz``), with the primary header's keywords merged underneath.
+    An image of more than ``max_pixels`` pixels (``None`` or 0: no limit) is refused from its
+    header alone, before any pixel is read.
     """
     path = Path(path)
     if path.is_dir():
@@ -221,17 +255,19 @@ def read_frame(path: str | Path, *, with_data: bool = True) -> RawFrame:
             if len(hdul) == 0:
                 raise FrameError("not a valid FITS file: no HDUs")
             primary_header = hdul[0].header
+            images = list(_image_hdus(hdul))
+            index = images[0] if images else 0
+            hdu = hdul[index]
+            header = hdu.header.copy() if index == 0 else _merged(primary_header, hdu.header)
+            if images:
+                _check_pixels(header, max_pixels)  # before anything reads or sizes the data
             try:
                 _check_size(path, hdul)
             except FrameError as exc:
                 exc.header = primary_header
                 raise
-            images = list(_image_hdus(hdul))
             if not images:
                 raise FrameError("FITS file holds no 2-D image", primary_header)
-            index = images[0]
-            hdu = hdul[index]
-            header = hdu.header.copy() if index == 0 else _merged(primary_header, hdu.header)
             corrupt = _corrupt_cards(header)
             for keyword in corrupt:
                 header.remove(keyword, ignore_missing=True, remove_all=True)
@@ -245,9 +281,17 @@ def read_frame(path: str | Path, *, with_data: bool = True) -> RawFrame:
                     data = np.asarray(hdu.data)
                 except (ValueError, TypeError, OSError) as exc:
                     raise FrameError(f"cannot read pixel data: {exc}", header) from None
+                except Exception as exc:  # a corrupt tile (CfitsioException), MemoryError...
+                    raise FrameError(
+                        f"cannot read pixel data: {type(exc).__name__}: {_one_line(exc)}", header
+                    ) from None
                 if data.ndim != 2:
                     raise FrameError(f"image has {data.ndim} dimensions, expected 2", header)
             return RawFrame(header, data, index, len(hdul), tuple(dict.fromkeys(notes)), corrupt)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _merged(primary: fits.Header, extension: fits.Header) -> fits.Header:

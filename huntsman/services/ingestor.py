@@ -20,7 +20,7 @@ from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.database import retry_writes
 from huntsman.store.exposures import ExposureCollection, FileState
 from huntsman.workers.ingest import ingest_file
-from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
+from huntsman.workers.pool import ComputePool, JobFailed, JobTimeout, PoolBroken
 
 __all__ = ["FileIngestor"]
 
@@ -172,7 +172,7 @@ class FileIngestor:
         start = time.perf_counter()
         try:
             result = await self.pool.run(ingest_file, path, self.params)
-        except (JobTimeout, PoolBroken) as exc:
+        except (JobTimeout, PoolBroken, JobFailed) as exc:
             result = await asyncio.to_thread(_failure, path, str(exc), time.perf_counter() - start)
         ident = await asyncio.to_thread(_identity, path)
         same_content = (

@@ -1,7 +1,8 @@
 """The ingestion job run in pool workers: one file in, one small record out.
 
-It never raises for a bad file: whatever goes wrong becomes ``IngestResult.error`` with as
-much metadata as could be read.
+It never raises, whatever the file: anything that goes wrong (an exception astropy cannot send
+back across processes, a ``MemoryError`` under the worker's memory cap included) becomes
+``IngestResult.error`` with as much metadata as could be read.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from huntsman.science.translator import (
     clean_header,
     translate,
 )
+from huntsman.workers.guard import describe_exception
 
 __all__ = ["ingest_file", "standard_fields"]
 
@@ -87,8 +89,19 @@ def _metrics(data: np.ndarray, fields: dict[str, Any], params: IngestParams) -> 
 
 
 def ingest_file(path: str, params: IngestParams) -> IngestResult:
-    """Read, validate, translate and measure one raw file."""
+    """Read, validate, translate and measure one raw file; never raises."""
     start = time.perf_counter()
+    try:
+        return _ingest(path, params, start)
+    except Exception as exc:  # a failure while recording a failure: keep at least the reason
+        return IngestResult(
+            filename=path, fields={}, header=None, metrics={}, error=describe_exception(exc),
+            warnings=(), duration_s=time.perf_counter() - start, file_size=None,
+            file_mtime_ns=None,
+        )
+
+
+def _ingest(path: str, params: IngestParams, start: float) -> IngestResult:
     size = mtime = None
     header_dict: dict[str, Any] | None = None
     fields: dict[str, Any] = {}
@@ -98,7 +111,7 @@ def ingest_file(path: str, params: IngestParams) -> IngestResult:
     try:
         st = _check_path(path, params.raw_root)
         size, mtime = st.st_size, st.st_mtime_ns
-        frame = read_frame(path, with_data=params.metrics)
+        frame = read_frame(path, with_data=params.metrics, max_pixels=params.max_pixels or None)
         notes = frame.warnings
         header_dict = header_to_dict(frame.header)
         try:
@@ -118,6 +131,14 @@ def ingest_file(path: str, params: IngestParams) -> IngestResult:
             fields = _partial_fields(header, path, params)
     except (OSError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # MemoryError, a library's own exception type...: still a record
+        error = describe_exception(exc)
+        if header_dict is None:
+            with contextlib.suppress(Exception):  # the reason matters more than the cards
+                header = _salvage(path, error)
+                if header is not None:
+                    header_dict = header_to_dict(header)
+                    fields = _partial_fields(header, path, params)
     return IngestResult(
         filename=path,
         fields=fields,

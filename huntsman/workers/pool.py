@@ -2,7 +2,10 @@
 
 Any :class:`concurrent.futures.Executor` factory works (a process pool here; a distributed
 engine later), so services never touch the executor itself.  The pool bounds the number of
-jobs in flight, gives each a timeout, and rebuilds a process pool that broke or hung.
+jobs in flight, gives each a timeout, and rebuilds a process pool that broke or hung.  Every
+job runs inside :func:`~huntsman.workers.guard.call_guarded`, so what it raises comes back as
+:class:`JobFailed` with the reason as text; worker processes die with the service and have
+their memory capped (:mod:`huntsman.workers.lifeline`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,17 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from huntsman.logs import configure_logging
+from huntsman.workers.guard import JobRaised, call_guarded, describe_exception
+from huntsman.workers.lifeline import die_with_parent, limit_memory, watch_service
 
-__all__ = ["ComputePool", "JobTimeout", "PoolBroken", "process_pool_factory", "worker_init"]
+__all__ = [
+    "ComputePool",
+    "JobFailed",
+    "JobTimeout",
+    "PoolBroken",
+    "process_pool_factory",
+    "worker_init",
+]
 
 T = TypeVar("T")
 
@@ -32,8 +44,29 @@ class PoolBroken(Exception):
     """A worker died (killed, out of memory) while running the job."""
 
 
-def worker_init(log_level: str, log_format: str) -> None:
-    """Runs first in every worker: logging, SIGINT ignored, offline astropy."""
+class JobFailed(Exception):
+    """The job raised in the worker; the message is the exception's type and text."""
+
+
+_FORKSERVER_PRELOAD = ["huntsman.workers.forkserver_init"]
+
+
+def worker_init(
+    log_level: str, log_format: str, service_pid: int = 0, memory_mb: int = 0
+) -> None:
+    """Runs first in every worker: tied to the service, memory capped, logging, SIGINT
+    ignored, offline astropy."""
+    if service_pid and os.getppid() != service_pid:
+        # The parent is the fork server, a single-threaded child of the service: the kernel
+        # kills this worker when it goes.  (Not with "spawn": there the parent is a thread of
+        # the service, and a thread that ends would take the worker with it.)
+        die_with_parent()
+    watch_service(service_pid)
+    # One BLAS/OpenMP thread per worker (numpy is not imported yet): the pool already has a
+    # process per core, and every extra thread reserves address space counted by the cap.
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
+    limit_memory(memory_mb)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(log_level, log_format, process=f"worker-{os.getpid()}")  # type: ignore[arg-type]
     from huntsman.science.offline import configure_offline_astropy
@@ -49,14 +82,25 @@ def warm() -> int:
 
 
 def process_pool_factory(
-    max_workers: int, context: str = "forkserver", log_level: str = "INFO", log_format: str = "json"
+    max_workers: int,
+    context: str = "forkserver",
+    log_level: str = "INFO",
+    log_format: str = "json",
+    memory_mb: int = 0,
 ) -> Callable[[], concurrent.futures.Executor]:
+    """Process pools whose workers die with this process and use at most ``memory_mb`` MiB
+    of address space each (0: no cap)."""
+    mp_context = multiprocessing.get_context(context)
+    if context == "forkserver":
+        # Only takes effect if the fork server is not running yet (it is started once).
+        mp_context.set_forkserver_preload(_FORKSERVER_PRELOAD)
+
     def make() -> concurrent.futures.Executor:
         return concurrent.futures.ProcessPoolExecutor(
             max_workers=max_workers,
-            mp_context=multiprocessing.get_context(context),
+            mp_context=mp_context,
             initializer=worker_init,
-            initargs=(log_level, log_format),
+            initargs=(log_level, log_format, os.getpid(), memory_mb),
         )
 
     return make
@@ -93,19 +137,33 @@ class ComputePool:
         async with self._slots:
             self.in_flight += 1
             executor = self.executor
+            name = getattr(fn, "__name__", "job")
             try:
-                future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+                future = asyncio.get_running_loop().run_in_executor(
+                    executor, call_guarded, fn, *args
+                )
                 try:
                     result = await asyncio.wait_for(future, timeout_s or self.job_timeout_s)
                 except TimeoutError:
                     self._replace(executor, reason="job_timeout")
                     raise JobTimeout(
-                        f"{getattr(fn, '__name__', 'job')} exceeded {timeout_s or self.job_timeout_s:g} s"
+                        f"{name} exceeded {timeout_s or self.job_timeout_s:g} s"
                     ) from None
                 except BrokenProcessPool:
                     self._replace(executor, reason="broken_pool")
                     raise PoolBroken("a worker process died while running the job") from None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the result could not come back (e.g. not picklable)
+                    reason = describe_exception(exc)
+                    self._log.warning("job_raised", job=name, error=reason)
+                    raise JobFailed(reason) from None
                 self.completed += 1
+                if isinstance(result, JobRaised):
+                    self._log.warning(
+                        "job_raised", job=name, error=result.reason, traceback=result.traceback
+                    )
+                    raise JobFailed(result.reason)
                 return result
             finally:
                 self.in_flight -= 1

@@ -35,6 +35,7 @@ from huntsman.science.photometry import (
 from huntsman.science.provenance import Provenance, stamp_header
 from huntsman.science.psf import PSFResult, measure_psf
 from huntsman.science.refcat import CatalogueSpec, load_catalogue
+from huntsman.workers.guard import describe_exception
 
 __all__ = [
     "DetectorConstants",
@@ -245,8 +246,15 @@ def _failed(reason: str, start: float) -> QCOutcome:
 
 
 def qc_frame(path: str, job: QCJob) -> QCOutcome:
-    """Calibrate and measure one raw science frame; never raises for a bad frame."""
+    """Calibrate and measure one raw science frame; never raises."""
     start = time.perf_counter()
+    try:
+        return _qc(path, job, start)
+    except Exception as exc:  # MemoryError, a library's own exception type...
+        return _failed(describe_exception(exc), start)
+
+
+def _qc(path: str, job: QCJob, start: float) -> QCOutcome:
     try:
         raw, raw_header = read_raw(path)
         bias, bias_bad = load_master_image(job.bias_path, raw.shape)

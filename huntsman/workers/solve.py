@@ -20,6 +20,7 @@ from huntsman.science.astrometry import (
 )
 from huntsman.science.frames import FrameError, read_frame
 from huntsman.science.wcs_writer import solution_hash, write_wcs_into_raw
+from huntsman.workers.guard import describe_exception
 
 __all__ = ["SolveJob", "SolveOutcome", "solve_file"]
 
@@ -56,8 +57,15 @@ def _failed(reason: str, start: float) -> SolveOutcome:
 
 
 def solve_file(path: str, job: SolveJob) -> SolveOutcome:
-    """Solve one raw frame; never raises for a bad frame (the reason is in ``error``)."""
+    """Solve one raw frame; never raises (the reason is in ``error``)."""
     start = time.perf_counter()
+    try:
+        return _solve(path, job, start)
+    except Exception as exc:  # MemoryError, a library's own exception type...
+        return _failed(describe_exception(exc), start)
+
+
+def _solve(path: str, job: SolveJob, start: float) -> SolveOutcome:
     try:
         frame = read_frame(path)
     except FrameError as exc:

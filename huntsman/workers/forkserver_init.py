@@ -1,0 +1,7 @@
+"""Imported only by the multiprocessing fork server (its preload list): the fork server dies
+with the service that started it, so the kernel then kills its workers too (they ask for
+``PR_SET_PDEATHSIG`` themselves, see :mod:`huntsman.workers.lifeline`)."""
+
+from huntsman.workers.lifeline import die_with_parent
+
+die_with_parent()
