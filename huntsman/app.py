@@ -19,6 +19,7 @@ from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import DetectorConstants, IngestParams
 from huntsman.science.offline import configure_offline_astropy
+from huntsman.science.paths import private_dir
 from huntsman.services.calib import CalibService
 from huntsman.services.http import StatusServer
 from huntsman.services.ingestor import FileIngestor
@@ -207,6 +208,7 @@ async def run_service(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     log.info("service_starting", version=__version__, config=config.redacted())
+    await asyncio.to_thread(private_dir, config.paths.var_dir)  # owner-only (0700)
     config.paths.raw_dir.mkdir(parents=True, exist_ok=True)
     async with open_database(config.database, log) as database:
         await database.ensure_indexes()

@@ -24,6 +24,8 @@ import psutil
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
+from huntsman.science.paths import private_dir
+
 __all__ = ["EmbeddedServer", "EmbeddedServerError", "find_running", "server_command"]
 
 STATE_FILE = "server.json"
@@ -45,6 +47,10 @@ def server_command() -> list[str]:
             "or set database.uri / HUNTSMAN_MONGODB_URI to a MongoDB server"
         )
     return [found]
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 def _free_port() -> int:
@@ -131,7 +137,7 @@ class EmbeddedServer:
 
     async def start(self) -> str:
         """Start the server and wait until it answers ``ping``; returns its URI."""
-        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(private_dir, self.storage_dir)  # owner-only, like its files
         await asyncio.to_thread(self._stop_leftover)
         port = self.requested_port
         if port == 0 or not _port_free(port):
@@ -143,7 +149,7 @@ class EmbeddedServer:
         cmd += ["--storage-path", storage, "--log-level", "WARNING"]
         if self.test_commands:
             cmd.append("--enable-test-commands")
-        log_file = await asyncio.to_thread(open, self.storage_dir / "server.log", "ab")
+        log_file = await asyncio.to_thread(open, self.storage_dir / "server.log", "ab", opener=_private)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -151,6 +157,7 @@ class EmbeddedServer:
                 stderr=log_file,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
+                umask=0o077,  # database files owner-only (0600, directories 0700)
             )
         finally:
             log_file.close()
