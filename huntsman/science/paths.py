@@ -143,12 +143,14 @@ def write_atomic(
     (:func:`create_temp`, a dot-name ending in ``.tmp`` that directory watchers ignore); the
     file is fsynced, given ``mode`` and renamed over ``path`` (a link at ``path`` is replaced,
     never followed), then the directory is fsynced.  With ``root`` the directory is created by
-    :func:`make_dirs` and ``path`` must lie inside ``root``.  On error the temporary file is removed.
+    :func:`make_dirs` and ``path`` must lie inside ``root`` (its directory resolved).  On error
+    the temporary file is removed.
     """
     path = Path(path)
     if root is not None:
         make_dirs(path.parent, root)
-        inside(path, root)
+        # The directory resolved, the name not: a link at ``path`` is replaced, not followed.
+        inside(Path(_real(path.parent)) / path.name, root, resolve=False)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_temp(path.parent, f".{path.name}.", ".tmp")
