@@ -250,3 +250,48 @@ async def test_hostile_camera_and_filter_values_write_only_inside_their_director
     names = {p.name for p in master_files}
     assert any(n.startswith("flat_A_B_A_B_") for n in names)  # the clean value kept as it is
     assert len({n for n in names if n.startswith("flat_")}) == len(HOSTILE)
+
+
+# -- the plate solver's write-back in the running service ---------------------------------------
+async def _solved(database: Database, *filenames: str) -> bool:
+    for filename in filenames:
+        doc = await database.exposures.get(filename)
+        if doc is None or (doc.get("wcs") or {}).get("status") not in ("solved", "failed"):
+            return False
+    return True
+
+
+async def test_write_back_ignores_a_planted_link_and_records_why_a_hard_link_is_refused(
+    service: Any, database: Database, tmp_path: Path
+) -> None:
+    from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame
+    from huntsman.science.synthetic import MoffatPSF
+    from huntsman.science.wcs_writer import read_wcs_marker
+
+    shape = (1500, 2000)
+    true_wcs = make_tan_sip_wcs(270.0, -30.0, shape, 1.24, 30.0, None)
+    data, _ = render_sky_frame(shape, true_wcs, MoffatPSF(2.5 / 1.24, 3.0), sky_adu=200.0,
+                               exptime_s=30.0, seed=3, n_extra_stars=800)
+    header = huntsman_header(observation_type="science", ra_deg=270.2, dec_deg=-29.8, exptime_s=30.0)
+    night = service.raw / "night"
+    night.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (night / ".linked.fits.wcs-tmp").symlink_to(victim)  # planted at the old fixed name
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    staged = [write_raw(tmp_path / f"{n}.fits", data, header) for n in ("linked", "hard")]
+    os.link(staged[1], elsewhere / "hard.fits")  # a second name outside the raw tree
+    linked, hard = night / "linked.fits", night / "hard.fits"
+    staged[0].rename(linked)
+    staged[1].rename(hard)
+    await wait_for(lambda: _solved(database, str(linked), str(hard)), 120)
+    first, second = await database.exposures.get(str(linked)), await database.exposures.get(str(hard))
+    assert first is not None and second is not None
+    assert first["wcs"]["status"] == "solved" and first["wcs"]["written_to_file"] is True
+    assert first["wcs"]["write_error"] is None
+    assert read_wcs_marker(linked) == first["wcs"]["marker"]
+    assert victim.read_text() == "precious"
+    assert second["wcs"]["status"] == "solved" and second["wcs"]["written_to_file"] is False
+    assert "2 hard links" in second["wcs"]["write_error"]
+    assert read_wcs_marker(hard) is None and read_wcs_marker(elsewhere / "hard.fits") is None

@@ -21,6 +21,7 @@ from huntsman.science.starfield import make_tan_sip_wcs
 from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.science.wcs_writer import (
     MARKER_KEY,
+    WcsWriteRefused,
     cleanup_temp_files,
     is_wcs_keyword,
     read_wcs_marker,
@@ -254,3 +255,63 @@ def test_sigkill_between_temp_write_and_rename(tmp_path: Path) -> None:
     assert cleanup_temp_files(tmp_path) == temps
     assert write_wcs_into_raw(paths[stop_file], new, root=tmp_path) is True  # the service retries later
     assert read_wcs_marker(paths[stop_file]) == solution_hash(new)
+
+
+# -- nothing written where it must not be -----------------------------------------------------
+def test_planted_temp_name_link_is_not_followed(science: Path, tmp_path: Path) -> None:
+    outside = tmp_path.parent / f"{tmp_path.name}-victim"
+    outside.write_bytes(b"precious")
+    try:
+        planted = science.parent / f".{science.name}.wcs-tmp"  # the old fixed temporary name
+        planted.symlink_to(outside)
+        new = solution(64.9)
+        assert write_wcs_into_raw(science, new, root=science.parent) is True
+        assert outside.read_bytes() == b"precious"
+        assert read_wcs_marker(science) == solution_hash(new)  # the raw file got its WCS
+        assert planted.is_symlink()
+        assert cleanup_temp_files(science.parent) == [planted]  # the link goes, never its target
+        assert outside.read_bytes() == b"precious"
+    finally:
+        outside.unlink()
+
+
+def test_links_and_files_outside_the_root_are_refused(science: Path, tmp_path: Path) -> None:
+    new = solution(64.9)
+    original = science.read_bytes()
+    link = tmp_path / "link.fits"
+    link.symlink_to(science)
+    with pytest.raises(WcsWriteRefused, match="symbolic link"):
+        write_wcs_into_raw(link, new, root=tmp_path)
+    hard = tmp_path / "hard.fits"
+    os.link(science, hard)
+    with pytest.raises(WcsWriteRefused, match="2 hard links"):
+        write_wcs_into_raw(science, new, root=tmp_path)
+    hard.unlink()
+    with pytest.raises(WcsWriteRefused, match="outside the raw root"):
+        write_wcs_into_raw(science, new, root=tmp_path / "raw")
+    with pytest.raises(WcsWriteRefused, match="no raw root"):
+        write_wcs_into_raw(science, new, root=None)
+    assert science.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.fits", "science_0.fits"]
+
+
+def test_owner_group_and_mode_are_kept(science: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file another owner")
+    os.chown(science, 1234, 4321)
+    os.chmod(science, 0o640)
+    assert write_wcs_into_raw(science, solution(64.9), root=science.parent) is True
+    info = science.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (1234, 4321, 0o640)
+
+
+def test_cleanup_does_not_descend_into_links(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / ".b.fits.wcs-tmp"
+    victim.write_bytes(b"not ours")
+    root = tmp_path / "raw"
+    root.mkdir()
+    (root / "linked").symlink_to(elsewhere)
+    assert cleanup_temp_files(root) == []
+    assert victim.exists()
