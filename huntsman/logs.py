@@ -46,8 +46,10 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto", process: str
 
 
 def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
-    """Every URI in a log line (values, error texts, tracebacks) with its secrets hidden."""
-    return {key: redact_data(value) for key, value in event.items()}
+    """Every URI in a log line (values, error texts, tracebacks) with its secrets hidden, and
+    the value of every key named like a password, token, secret or credential."""
+    redacted: dict[str, Any] = redact_data(event)
+    return redacted
 
 
 def _add_process(name: str) -> Any:

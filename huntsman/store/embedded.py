@@ -53,6 +53,11 @@ def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+def _write_private(path: Path, text: str) -> None:
+    with open(path, "w", opener=_private) as stream:
+        stream.write(text)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -164,7 +169,7 @@ class EmbeddedServer:
         self.port = port
         await self._wait_ready()
         state = {"pid": self._proc.pid, "port": port, "storage": storage, "started": time.time()}
-        await asyncio.to_thread((self.storage_dir / STATE_FILE).write_text, json.dumps(state))
+        await asyncio.to_thread(_write_private, self.storage_dir / STATE_FILE, json.dumps(state))
         return self.uri
 
     async def _wait_ready(self) -> None:
