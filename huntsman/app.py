@@ -25,6 +25,7 @@ from huntsman.lock import SERVICE_LOCK, PidLock
 from huntsman.logs import get_logger
 from huntsman.models import DetectorConstants, FileSource, IngestParams
 from huntsman.science.offline import configure_offline_astropy
+from huntsman.science.paths import private_dir
 from huntsman.services.calib import CalibService
 from huntsman.services.http import StatusServer
 from huntsman.services.ingestor import FileIngestor
@@ -299,6 +300,7 @@ async def _run_locked(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, _on_signal, log, sig, stop)
     log.info("service_starting", version=__version__, pid=os.getpid(), config=config.redacted())
+    await asyncio.to_thread(private_dir, config.paths.var_dir)  # owner-only (0700)
     await asyncio.to_thread(config.paths.raw_dir.mkdir, parents=True, exist_ok=True)
     close_timeout_s = config.shutdown.close_timeout_s
     async with open_database(config.database, log, close_timeout_s=close_timeout_s) as database:

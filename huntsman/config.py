@@ -9,6 +9,7 @@ field, ``HUNTSMAN_<SECTION>__<FIELD>`` (for example ``HUNTSMAN_INGEST__MAX_TRIES
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -23,6 +24,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "load_config",
+    "redact_data",
+    "redact_text",
     "redact_uri",
 ]
 
@@ -308,10 +311,29 @@ class HttpConfig(_Section):
 
     enabled: bool = False
     host: str = "127.0.0.1"
+    allow_remote: bool = Field(False, description="required to bind a non-loopback address")
     port: int = Field(8765, ge=0, le=65535, description="0 picks a free port")
     db_timeout_s: float = Field(1.0, gt=0, description="/healthz: database ping deadline")
     pool_timeout_s: float = Field(2.0, gt=0, description="/healthz: trivial pool job deadline")
     max_loop_lag_s: float = Field(1.0, gt=0, description="/healthz: event-loop lag limit")
+
+    @model_validator(mode="after")
+    def _check_bind(self) -> HttpConfig:
+        if not self.allow_remote and not self.is_loopback():
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address; set http.allow_remote: true "
+                "to serve the status page to the network"
+            )
+        return self
+
+    def is_loopback(self) -> bool:
+        """Whether ``host`` only accepts local connections (no name resolution here)."""
+        if self.host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False  # a name other than localhost, or "" (every interface)
 
 
 class ServiceConfig(_Section):
@@ -373,9 +395,8 @@ class Config(_Section):
         return {c.cam_id: c.detector_num for c in self.cameras}
 
     def redacted(self) -> dict[str, Any]:
-        """The effective config as plain data, with passwords in URIs hidden."""
-        data = self.model_dump(mode="json")
-        data["database"]["uri"] = redact_uri(self.database.uri)
+        """The effective config as plain data, with every secret hidden (:func:`redact_data`)."""
+        data: dict[str, Any] = redact_data(self.model_dump(mode="json"))
         return data
 
     def digest(self) -> str:
@@ -384,9 +405,68 @@ class Config(_Section):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+REDACTED = "***"
+# URI options that carry secrets, by name: passwords, tokens, secrets, credentials, keys.
+_SECRET_OPTION = re.compile(
+    r"pass|pwd|secret|token|credential|authmechanismproperties|apikey|api_key|privatekey|private_key",
+    re.IGNORECASE,
+)
+_URI_USERINFO = re.compile(
+    r"^(?P<scheme>mongodb(?:\+srv)?://)(?P<user>[^:@/?#]*):(?P<password>.*)@(?P<hosts>[^@/?#]*)(?P<rest>[/?#].*)?$",
+    re.DOTALL,
+)
+# A URI inside any text: up to white space or a quote.
+_URI_IN_TEXT = re.compile(r"mongodb(?:\+srv)?://[^\s'\"<>`]+", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|credential|private", re.IGNORECASE)
+
+
+def _redact_query(query: str) -> str:
+    parts = re.split(r"([&;])", query)
+    for i in range(0, len(parts), 2):
+        name, sep, _ = parts[i].partition("=")
+        if sep and _SECRET_OPTION.search(name):
+            parts[i] = f"{name}={REDACTED}"
+    return "".join(parts)
+
+
 def redact_uri(uri: str) -> str:
-    """Hide the password of a ``mongodb://user:password@host`` URI."""
-    return re.sub(r"^(mongodb(?:\+srv)?://[^:/@]+):[^@]*@", r"\1:***@", uri)
+    """A MongoDB URI with its secrets hidden: the password of ``user:password@`` and the value
+    of every secret-bearing option (``password``, ``tlsCertificateKeyFilePassword``,
+    ``authMechanismProperties``, anything named like a token, secret or credential).
+
+    When in doubt it hides too much: an unescaped ``@`` makes everything up to the last one
+    count as the password.
+    """
+    match = _URI_USERINFO.match(uri)
+    if match is not None:
+        uri = f"{match['scheme']}{match['user']}:{REDACTED}@{match['hosts']}{match['rest'] or ''}"
+    head, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    query, hash_sep, fragment = query.partition("#")
+    return f"{head}?{_redact_query(query)}{hash_sep}{fragment}"
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error message, a log line) with every MongoDB URI in it redacted."""
+    if "://" not in text:
+        return text
+    return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+
+
+def redact_data(value: Any) -> Any:
+    """Plain data (dicts, lists, strings) with URIs redacted and secret-named keys hidden."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "")
+            else redact_data(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact_data(v) for v in value]
+    return value
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

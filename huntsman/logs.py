@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, Literal
 
 import structlog
+
+from huntsman.config import redact_data
 
 __all__ = ["configure_logging", "get_logger"]
 
@@ -31,6 +34,7 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto", process: str
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             structlog.processors.UnicodeDecoder(),
+            _redact_secrets,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -39,6 +43,13 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto", process: str
     )
     # Libraries that use stdlib logging (pymongo, astropy) go to stderr at WARNING and above.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
+
+
+def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
+    """Every URI in a log line (values, error texts, tracebacks) with its secrets hidden, and
+    the value of every key named like a password, token, secret or credential."""
+    redacted: dict[str, Any] = redact_data(event)
+    return redacted
 
 
 def _add_process(name: str) -> Any:

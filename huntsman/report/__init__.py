@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from pathlib import Path
 
 from huntsman.report.data import NightData, gather_night, last_completed_night
+from huntsman.science.paths import inside, make_dirs, write_atomic
 from huntsman.store.database import Database
 
 __all__ = ["ReportResult", "gather_night", "last_completed_night", "render_report", "write_report"]
@@ -28,18 +28,24 @@ class ReportResult:
     empty: bool
 
 
-def render_report(data: NightData, out_dir: Path) -> ReportResult:
-    """Plots and page into ``out_dir`` (synchronous: call it in a thread)."""
+def render_report(data: NightData, out_dir: Path, *, root: Path | None = None) -> ReportResult:
+    """Plots and page into ``out_dir`` (synchronous: call it in a thread).
+
+    With ``root`` (the service's ``paths.reports_dir``) ``out_dir`` must lie inside it and is
+    created without following links out of it; every file is written atomically.
+    """
     from huntsman.report.html import render_html
     from huntsman.report.plots import render_plots
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if root is not None:
+        make_dirs(out_dir, root)
+        inside(out_dir, root)
+    else:  # a directory the operator named on the command line
+        out_dir.mkdir(parents=True, exist_ok=True)
     plots = render_plots(data, out_dir) if not data.empty else {}
-    page = render_html(data, plots)
+    page = render_html(data, plots).encode("utf-8")
     path = out_dir / "index.html"
-    tmp = out_dir / f".index.html.{os.getpid()}.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)  # a reader (the status page) never sees half a page
+    write_atomic(path, lambda stream: stream.write(page))  # the status page never sees half a page
     names = [*plots.get("cameras", {}).values(), plots.get("field"), plots.get("frames")]
     return ReportResult(
         night=data.night,
@@ -52,7 +58,9 @@ def render_report(data: NightData, out_dir: Path) -> ReportResult:
     )
 
 
-async def write_report(database: Database, night: str, out_dir: Path, *, worst_n: int = 10) -> ReportResult:
+async def write_report(
+    database: Database, night: str, out_dir: Path, *, worst_n: int = 10, root: Path | None = None
+) -> ReportResult:
     """Gather the night from the database, then plot and write without blocking the loop."""
     data = await gather_night(database, night, worst_n=worst_n)
-    return await asyncio.to_thread(render_report, data, out_dir)
+    return await asyncio.to_thread(render_report, data, out_dir, root=root)

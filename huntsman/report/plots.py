@@ -7,7 +7,6 @@ touches the event loop or the database.  Missing values are skipped, never plott
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from huntsman.report.data import NightData, get_path, number
+from huntsman.science.paths import path_component, write_atomic
 
 __all__ = [
     "CAMERA_PANELS",
@@ -32,7 +32,6 @@ CAMERA_PANELS: tuple[tuple[str, str], ...] = (
     ("qc.sky_mag_arcsec2", "sky (mag/arcsec²)"),
     ("qc.limiting_mag_5sigma", "limiting mag (5σ)"),
 )
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _DPI = 90
 
 
@@ -43,7 +42,13 @@ def _figure(width: float, height: float) -> Any:
 
 
 def camera_plot_name(camera: str) -> str:
-    return f"camera_{_SAFE.sub('_', camera)}.png"
+    """``camera_<CAM-ID>.png``, the camera through :func:`path_component` (no two collide)."""
+    return f"camera_{path_component(camera)}.png"
+
+
+def _save(fig: Any, path: Path) -> None:
+    """PNG written atomically (a temporary ``O_EXCL`` file renamed over ``path``)."""
+    write_atomic(path, lambda stream: fig.savefig(stream, format="png"))
 
 
 def _series(frames: Sequence[dict[str, Any]], field: str) -> dict[str, tuple[list[dt.datetime], list[float]]]:
@@ -91,7 +96,7 @@ def plot_camera(camera: str, frames: Sequence[dict[str, Any]], night: str, path:
     axes[-1].xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
     axes[-1].set_xlabel("UTC")
     fig.suptitle(f"{camera} — night {night} ({len(frames)} science frames)")
-    fig.savefig(path)
+    _save(fig, path)
     return points
 
 
@@ -145,7 +150,7 @@ def plot_field_fwhm(by_camera: dict[str, list[dict[str, Any]]], night: str, path
     if image is not None:
         fig.colorbar(image, ax=list(axes[:n]), label="FWHM (arcsec)", shrink=0.8)
     fig.suptitle(f"FWHM across the field (median over the night {night})")
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 
@@ -193,7 +198,7 @@ def plot_frames(counts: Sequence[dict[str, Any]], night: str, path: Path) -> Pat
     stacked(right, science, "qc_status", ["science"] if science else [])
     right.set_title("science frames by QC status")
     fig.suptitle(f"night {night}")
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 

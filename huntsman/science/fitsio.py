@@ -7,13 +7,12 @@ Compressed ``.fits.fz`` files keep header and data in HDU 1.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+
+from huntsman.science.paths import write_atomic
 
 __all__ = ["image_hdu_index", "read_raw", "write_fits_atomic"]
 
@@ -50,31 +49,13 @@ def read_raw(path: str | Path) -> tuple[np.ndarray, fits.Header]:
     return data, header
 
 
-def write_fits_atomic(path: str | Path, hdulist: fits.HDUList) -> Path:
+def write_fits_atomic(path: str | Path, hdulist: fits.HDUList, *, root: str | Path | None = None) -> Path:
     """Write ``hdulist`` to ``path`` so readers see either the old file or the complete new one.
 
-    The file is written to a temporary name in the same directory (same filesystem, so the
-    rename is atomic), flushed and fsynced, then moved over ``path`` with :func:`os.replace`;
-    the directory is fsynced so the rename survives a crash.  The temporary name starts with a
-    dot and ends in ``.tmp`` so directory watchers ignore it.  On error it is removed.
+    The file is written to a new temporary dot-file ending in ``.tmp`` in the same directory
+    (created ``O_EXCL | O_NOFOLLOW``; directory watchers ignore it), fsynced, made 0644 and moved
+    over ``path`` with :func:`os.replace`; the directory is fsynced so the rename survives a
+    crash.  With ``root``, ``path`` must lie inside it (:func:`~huntsman.science.paths.inside`)
+    and missing directories are created without following links out of it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            hdulist.writeto(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return write_atomic(path, hdulist.writeto, root=root, mode=0o644)

@@ -5,13 +5,18 @@ Guarantees
 * **Pixel data byte-identical.**  Only the header block of the target HDU is re-serialised;
   every byte before it and every byte after it (data, later HDUs) is copied verbatim from the
   original file.  Nothing goes through astropy's BZERO decoding.
-* **Atomic.**  The new file is written to a dot-file in the same directory
-  (``.<name>.wcs-tmp``: the watcher ignores dot-files), flushed and fsynced, then
+* **Atomic.**  The new file is written to a new dot-file in the same directory
+  (``.<name>.<random>.wcs-tmp``, created ``O_CREAT | O_EXCL | O_NOFOLLOW``: a planted name or
+  link is never followed nor reused; the watcher ignores dot-files), flushed and fsynced, then
   ``os.replace``-d over the original and the directory is fsynced.  A crash at any moment leaves
   either the complete old or the complete new file under the real name; at worst a stale
   ``.*.wcs-tmp`` remains, which the service removes at start-up with :func:`cleanup_temp_files`.
 * **Idempotent ("never twice").**  A marker keyword (``HUNTWCS``) holds a hash of the solution;
   a second call with the same solution is a no-op returning ``False``.
+* **Only where it may.**  A symbolic link, a file with several hard links, a file outside the
+  raw root, or one whose owner could not be kept is refused with :class:`WcsWriteRefused`
+  (the reason is recorded on the document as ``wcs.write_error``); owner, group and mode of
+  the file are kept.
 * **All original keywords kept**, except earlier WCS keywords that would conflict with the new
   solution (e.g. stale SIP ``A_*``/``B_*`` terms), which are removed first.
 
@@ -30,19 +35,24 @@ binary table); the WCS keywords are written there, and the compressed data are c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 
+from huntsman.science.paths import UnsafePathError, create_temp, inside
+
 __all__ = [
     "MARKER_KEY",
     "TEMP_SUFFIX",
+    "WcsWriteRefused",
     "cleanup_temp_files",
     "is_wcs_keyword",
     "read_wcs_marker",
@@ -52,6 +62,12 @@ __all__ = [
 ]
 
 MARKER_KEY = "HUNTWCS"
+
+
+class WcsWriteRefused(ValueError):
+    """The raw file must not be rewritten (link, hard links, outside the raw root, owner)."""
+
+
 TEMP_SUFFIX = ".wcs-tmp"
 _BLOCK = 2880
 _COPY_CHUNK = 4 * 1024 * 1024
@@ -127,10 +143,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _refusal(path: Path, info: os.stat_result, root: str | Path | None) -> str | None:
+    """Why the write-back must not touch ``path`` (``info``: its ``lstat``), or ``None``."""
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link: the write-back never follows links"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_nlink > 1:
+        return f"has {info.st_nlink} hard links: replacing it would split them"
+    if root is None:
+        return "no raw root given: raw files are only written inside it"
+    try:
+        inside(path, root)
+    except UnsafePathError:
+        return f"is outside the raw root {root}"
+    euid = os.geteuid()
+    if euid != 0 and info.st_uid != euid:
+        return f"is owned by uid {info.st_uid}: rewriting it would change its owner"
+    return None
+
+
 def write_wcs_into_raw(
     path: str | Path,
     wcs_header: Mapping[str, str | int | float],
     *,
+    root: str | Path | None,
     marker_key: str = MARKER_KEY,
 ) -> bool:
     """Write a WCS solution into a raw FITS file's header, atomically and at most once.
@@ -138,9 +175,12 @@ def write_wcs_into_raw(
     Parameters
     ----------
     path : path
-        Raw FITS file (``.fits``; for ``.fits.fz`` HDU 1 is updated).  Replaced in place.
+        Raw FITS file (``.fits``; for ``.fits.fz`` HDU 1 is updated).  Replaced in place, with
+        its owner, group and mode kept.
     wcs_header : mapping
         WCS keywords (e.g. ``SolveResult.header``).
+    root : path or None
+        The raw root: a file outside it (or ``None``) is never written.
     marker_key : str
         Keyword recording :func:`solution_hash` of ``wcs_header``.
 
@@ -151,44 +191,65 @@ def write_wcs_into_raw(
 
     Raises
     ------
+    WcsWriteRefused
+        A symbolic link, a file with several hard links, one outside ``root`` or one whose
+        owner cannot be kept; the message says which.  Nothing is written.
     OSError, ValueError
         Unreadable file or header; the original is left untouched.
     """
     p = Path(path)
+    reason = _refusal(p, os.lstat(p), root)
+    if reason is not None:
+        raise WcsWriteRefused(f"{p}: {reason}")
     index = _target_hdu(p)
     digest = solution_hash(wcs_header)
-    header, start, end = _read_raw_header(p, index)
-    if str(header.get(marker_key, "")) == digest:
-        return False
-    new = header.copy()
-    for key in list(dict.fromkeys(new.keys())):
-        if key and (is_wcs_keyword(key) or key == marker_key):
-            del new[key]
-    for key, value in wcs_header.items():
-        if str(key).upper() in ("COMMENT", "HISTORY", ""):
-            continue
-        new[str(key)] = value
-    new[marker_key] = (digest, "hash of the WCS written by huntsman")
-    block = new.tostring(padding=True).encode("ascii")
-    if len(block) % _BLOCK:
-        raise ValueError("header serialisation is not a multiple of 2880 bytes")
+    # Opened without following a link; the checks are repeated on what was opened.
+    src_fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(src_fd, "rb") as src:
+        info = os.fstat(src.fileno())
+        reason = _refusal(p, info, root)
+        if reason is not None:
+            raise WcsWriteRefused(f"{p}: {reason}")
+        header, start, end = _read_raw_header(p, index)
+        if str(header.get(marker_key, "")) == digest:
+            return False
+        new = header.copy()
+        for key in list(dict.fromkeys(new.keys())):
+            if key and (is_wcs_keyword(key) or key == marker_key):
+                del new[key]
+        for key, value in wcs_header.items():
+            if str(key).upper() in ("COMMENT", "HISTORY", ""):
+                continue
+            new[str(key)] = value
+        new[marker_key] = (digest, "hash of the WCS written by huntsman")
+        block = new.tostring(padding=True).encode("ascii")
+        if len(block) % _BLOCK:
+            raise ValueError("header serialisation is not a multiple of 2880 bytes")
 
-    tmp = p.with_name(f".{p.name}{TEMP_SUFFIX}")
-    mode = os.stat(p).st_mode & 0o7777
-    try:
-        with open(p, "rb") as src, open(tmp, "wb") as dst:
-            dst.write(src.read(start))
-            dst.write(block)
-            src.seek(end)
-            while chunk := src.read(_COPY_CHUNK):
-                dst.write(chunk)
-            dst.flush()
-            os.fchmod(dst.fileno(), mode)
-            os.fsync(dst.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fd, tmp = create_temp(p.parent, f".{p.name}.", TEMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                src.seek(0)
+                dst.write(src.read(start))
+                dst.write(block)
+                src.seek(end)
+                while chunk := src.read(_COPY_CHUNK):
+                    dst.write(chunk)
+                dst.flush()
+                made = os.fstat(dst.fileno())
+                if (info.st_uid, info.st_gid) != (made.st_uid, made.st_gid):
+                    try:
+                        os.fchown(dst.fileno(), info.st_uid, info.st_gid)
+                    except PermissionError:
+                        raise WcsWriteRefused(
+                            f"{p}: its owner {info.st_uid}:{info.st_gid} cannot be kept"
+                        ) from None
+                os.fchmod(dst.fileno(), stat.S_IMODE(info.st_mode))
+                os.fsync(dst.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     _fsync_dir(p.parent)
     return True
 
@@ -196,14 +257,20 @@ def write_wcs_into_raw(
 def cleanup_temp_files(directory: str | Path, *, recursive: bool = True) -> list[Path]:
     """Remove write-back temp files (``.*.wcs-tmp``) left by a crash; returns what was removed.
 
-    Called by the service at start-up, before it reconciles the raw tree.
+    Called by the service at start-up, before it reconciles the raw tree.  Links to
+    directories are not descended into; a link with such a name is removed, never its target.
     """
-    root = Path(directory)
-    pattern = f".*{TEMP_SUFFIX}"
-    found = root.rglob(pattern) if recursive else root.glob(pattern)
     removed: list[Path] = []
-    for f in found:
-        if f.is_file():
-            f.unlink(missing_ok=True)
-            removed.append(f)
+    for top, dirs, files in os.walk(directory, followlinks=False):
+        for name in files + dirs:
+            if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+                continue
+            f = Path(top) / name
+            with contextlib.suppress(FileNotFoundError):
+                mode = os.lstat(f).st_mode
+                if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                    f.unlink()
+                    removed.append(f)
+        if not recursive:
+            break
     return removed

@@ -36,6 +36,7 @@ from huntsman import __version__
 from huntsman.config import CalibConfig, DetectorConfig
 from huntsman.models import utcnow
 from huntsman.science.masters import MasterParams, MasterResult
+from huntsman.science.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
 from huntsman.services.calib_plan import RAW_PROJECTION, Group, RawFrame, UnitPlan, plan_unit, units_of
 from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument, Unit, calib_date_of
@@ -49,15 +50,19 @@ __all__ = ["CalibService", "MasterListener", "PassSummary", "master_path"]
 # calibration set it just completed (the QualityMonitor's hand-off).
 MasterListener = Callable[[CalibDocument, list[str]], Awaitable[None]]
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
 def master_path(calib_dir: Path, unit: Unit, version: int) -> Path:
-    """``<calib_dir>/<date>/<type>/<type>_<camera>[_<filter>]_<date>[_v<N>].fits``."""
-    parts = [unit.calib_type, unit.camera] + ([unit.physical_filter] if unit.physical_filter else [])
-    stem = "_".join(_SAFE.sub("_", p) for p in [*parts, unit.date])
+    """``<calib_dir>/<date>/<type>/<type>_<camera>[_<filter>]_<date>[_v<N>].fits``.
+
+    Every part goes through :func:`path_component` (header values are data, never paths) and
+    the result is checked to lie inside ``calib_dir``.
+    """
+    date, calib_type = path_component(unit.date), path_component(unit.calib_type)
+    parts = [calib_type, path_component(unit.camera)]
+    if unit.physical_filter:
+        parts.append(path_component(unit.physical_filter))
+    stem = "_".join([*parts, date])
     suffix = f"_v{version}" if version > 1 else ""
-    return calib_dir / unit.date / unit.calib_type / f"{stem}{suffix}.fits"
+    return inside(calib_dir / date / calib_type / f"{stem}{suffix}.fits", calib_dir, resolve=False)
 
 
 def _input_hash(filenames: Iterable[str], masters: dict[str, str]) -> str:
@@ -336,6 +341,7 @@ class CalibService:
             paths=group.filenames,
             exptimes=tuple(float(f.exposure_time or 0.0) for f in group.frames),
             out_path=str(out),
+            out_root=str(self.calib_dir),
             params=self.params,
             provenance=self.provenance,
             bias_path=masters.get("bias"),

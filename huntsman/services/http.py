@@ -135,6 +135,9 @@ class StatusServer:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
+        if not self.config.is_loopback():
+            self._log.warning("http_remote_bind", host=self.config.host, port=self.config.port,
+                              note="the status page is reachable from the network")
         self._server = await asyncio.start_server(
             self._handle, self.config.host, self.config.port, limit=_MAX_REQUEST
         )

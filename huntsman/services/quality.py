@@ -32,6 +32,7 @@ from typing import Any
 from huntsman import __version__
 from huntsman.config import DetectorConfig, PathsConfig, QCConfig
 from huntsman.models import DetectorConstants, utcnow
+from huntsman.science.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
 from huntsman.science.refcat import CatalogueSpec
 from huntsman.services.tasks import raise_if_cancelling
@@ -67,15 +68,17 @@ def catalogue_spec(config: QCConfig) -> CatalogueSpec:
 
 
 def calibrated_path(calibrated_dir: Path, doc: ExposureDocument) -> Path:
-    """``<calibrated_dir>/<night>/<camera>/<raw stem>_cal.fits``."""
+    """``<calibrated_dir>/<night>/<camera>/<raw stem>_cal.fits``, every part through
+    :func:`path_component` and the result checked to lie inside ``calibrated_dir``."""
     name = Path(doc["filename"]).name
     for suffix in (".fits.fz", ".fits", ".fit", ".fts"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    night = str(doc.get("calib_date") or "unknown-date")
-    camera = str(doc.get("camera") or "unknown-camera")
-    return calibrated_dir / night / camera / f"{name}_cal.fits"
+    night = path_component(doc.get("calib_date"), empty="unknown-date")
+    camera = path_component(doc.get("camera"), empty="unknown-camera")
+    stem = path_component(name, empty="frame")
+    return inside(calibrated_dir / night / camera / f"{stem}_cal.fits", calibrated_dir, resolve=False)
 
 
 class QualityMonitor:
@@ -343,6 +346,7 @@ class QualityMonitor:
                 min_stars=c.grade_min_stars,
             ),
             out_path=str(out) if out is not None else None,
+            out_root=str(self.paths.calibrated_dir),
             provenance=self.provenance,
             min_flat_value=c.min_flat_value,
             psf_max_stars=c.psf_max_stars,

@@ -20,6 +20,7 @@ from pymongo.errors import PyMongoError
 from huntsman.config import ReportConfig
 from huntsman.models import utcnow
 from huntsman.report import ReportResult, last_completed_night, write_report
+from huntsman.science.paths import path_component
 from huntsman.store.database import Database
 
 __all__ = ["MAX_CATCH_UP_NIGHTS", "ReportScheduler"]
@@ -69,7 +70,8 @@ class ReportScheduler:
         results = []
         for night in await self.due():
             result = await write_report(
-                self.database, night, self.reports_dir / night, worst_n=self.config.worst_n
+                self.database, night, self.reports_dir / path_component(night),
+                worst_n=self.config.worst_n, root=self.reports_dir,
             )
             await self.collection.update_one(
                 {"_id": night},

@@ -168,6 +168,7 @@ class PlateSolver:
             hint_ra_deg=doc.get("ra"),
             hint_dec_deg=doc.get("dec"),
             date_obs=doc.get("date_obs"),
+            raw_root=str(self.raw_dir),
         )
         log = self._log.bind(filename=filename, camera=doc.get("camera"))
         try:
@@ -198,7 +199,10 @@ class PlateSolver:
                 "blind": result.blind,
                 "marker": outcome.marker,
                 "written_to_file": outcome.wrote_wcs or bool(doc.get("wcs", {}).get("written_to_file")),
+                "write_error": outcome.write_error,
             }
+            if outcome.write_error is not None:
+                log.warning("wcs_write_refused", reason=outcome.write_error)
             update["pointing"] = outcome.pointing
             if outcome.file_size is not None:
                 update["file"] = {"size": outcome.file_size, "mtime_ns": outcome.file_mtime_ns}

@@ -31,6 +31,7 @@ from pymongo.errors import PyMongoError
 
 from huntsman.config import EMBEDDED_KILL_WAIT_S
 from huntsman.lock import LockHeld, PidLock, holder
+from huntsman.science.paths import private_dir
 
 __all__ = [
     "EMBEDDED_LOCK", "EmbeddedServer", "EmbeddedServerError", "StorageBusy", "find_running",
@@ -61,6 +62,15 @@ def server_command() -> list[str]:
             "or set database.uri / HUNTSMAN_MONGODB_URI to a MongoDB server"
         )
     return [found]
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def _write_private(path: Path, text: str) -> None:
+    with open(path, "w", opener=_private) as stream:
+        stream.write(text)
 
 
 def _free_port() -> int:
@@ -191,7 +201,7 @@ class EmbeddedServer:
 
     async def start(self) -> str:
         """Take the storage, stop a leftover, start the server, wait for ``ping``; its URI."""
-        await asyncio.to_thread(self.storage_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(private_dir, self.storage_dir)  # owner-only, like its files
         if not self._lock.held:
             try:
                 await asyncio.to_thread(self._lock.acquire, self.lock_wait_s)
@@ -229,7 +239,7 @@ class EmbeddedServer:
         cmd += ["--storage-path", storage, "--log-level", "WARNING"]
         if self.test_commands:
             cmd.append("--enable-test-commands")
-        log_file = await asyncio.to_thread(open, self.storage_dir / "server.log", "ab")
+        log_file = await asyncio.to_thread(open, self.storage_dir / "server.log", "ab", opener=_private)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -237,6 +247,7 @@ class EmbeddedServer:
                 stderr=log_file,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
+                umask=0o077,  # database files owner-only (0600, directories 0700)
             )
         finally:
             log_file.close()
@@ -244,7 +255,7 @@ class EmbeddedServer:
         await self._wait_ready()
         assert self._proc is not None
         state = {"pid": self._proc.pid, "port": port, "storage": storage, "started": time.time()}
-        await asyncio.to_thread((self.storage_dir / STATE_FILE).write_text, json.dumps(state))
+        await asyncio.to_thread(_write_private, self.storage_dir / STATE_FILE, json.dumps(state))
         return self.uri
 
     async def _wait_ready(self) -> None:

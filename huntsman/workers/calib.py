@@ -5,6 +5,7 @@ by the science layer)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from huntsman.science.masters import (
     MasterParams,
@@ -13,6 +14,7 @@ from huntsman.science.masters import (
     build_master_dark,
     build_master_flat,
 )
+from huntsman.science.paths import inside, make_dirs
 from huntsman.science.provenance import Provenance
 
 __all__ = ["CalibJob", "build_calib_master"]
@@ -31,10 +33,16 @@ class CalibJob:
     provenance: Provenance
     bias_path: str | None = None
     dark_path: str | None = None
+    out_root: str | None = None  # out_path must lie inside it (None: its own directory)
 
 
 def build_calib_master(job: CalibJob) -> MasterResult:
-    """Build and write one master; raises ``ValueError`` for unusable inputs."""
+    """Build and write one master; raises ``ValueError`` for unusable inputs and
+    :class:`~huntsman.science.paths.UnsafePathError` for an output outside ``out_root``."""
+    out = Path(job.out_path)
+    root = job.out_root if job.out_root is not None else out.parent
+    make_dirs(out.parent, root)
+    inside(out, root)
     if job.calib_type == "bias":
         return build_master_bias(job.paths, job.out_path, job.params, job.provenance)
     if job.bias_path is None:

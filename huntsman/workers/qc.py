@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from huntsman.models import DetectorConstants
 from huntsman.science.calibration import calibrate
 from huntsman.science.fitsio import read_raw, write_fits_atomic
+from huntsman.science.paths import UnsafePathError
 from huntsman.science.photometry import (
     PhotometryParams,
     PhotometryResult,
@@ -84,6 +86,7 @@ class QCJob:
     min_flat_value: float = 0.2
     psf_max_stars: int = 150
     photometry: PhotometryParams = dataclasses.field(default_factory=PhotometryParams)
+    out_root: str | None = None  # out_path must lie inside it (None: its own directory)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -237,7 +240,8 @@ def _write_calibrated(
     )
     primary = fits.PrimaryHDU(data=np.asarray(data, dtype=np.float32), header=header)
     mask_hdu = fits.ImageHDU(data=mask.astype(np.uint8), name="MASK")
-    write_fits_atomic(path, fits.HDUList([primary, mask_hdu]))
+    root = job.out_root if job.out_root is not None else os.path.dirname(path)
+    write_fits_atomic(path, fits.HDUList([primary, mask_hdu]), root=root)
     return path
 
 
@@ -333,7 +337,7 @@ def _qc(path: str, job: QCJob, start: float) -> QCOutcome:
         try:
             calibrated = _write_calibrated(job.out_path, cal.data, cal.mask, raw_header, wcs,
                                            path, job)
-        except OSError as exc:
+        except (OSError, UnsafePathError) as exc:
             failed["calibrated_file"] = f"cannot write {job.out_path}: {exc}"
     letter, flags = grade(metrics, job.grades)
     error = "; ".join(f"{k}: {v}" for k, v in failed.items()) or None

@@ -19,7 +19,7 @@ from huntsman.science.astrometry import (
     solve_field,
 )
 from huntsman.science.frames import FrameError, read_frame
-from huntsman.science.wcs_writer import solution_hash, write_wcs_into_raw
+from huntsman.science.wcs_writer import WcsWriteRefused, solution_hash, write_wcs_into_raw
 from huntsman.workers.guard import describe_exception
 
 __all__ = ["SolveJob", "SolveOutcome", "solve_file"]
@@ -35,6 +35,7 @@ class SolveJob:
     hint_dec_deg: float | None
     date_obs: dt.datetime | None
     site: tuple[float, float, float] = (-31.27, 149.07, 1165.0)
+    raw_root: str | None = None  # the write-back never writes outside it (None: never writes)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class SolveOutcome:
     file_mtime_ns: int | None
     error: str | None
     duration_s: float
+    write_error: str | None = None  # why the solution was not written into the file
 
 
 def _failed(reason: str, start: float) -> SolveOutcome:
@@ -105,10 +107,16 @@ def _solve(path: str, job: SolveJob, start: float) -> SolveOutcome:
         )
         pointing = dataclasses.asdict(metrics)
     marker = solution_hash(result.header)
-    wrote = False
+    wrote, write_error = False, None
     if job.write_wcs:
-        wrote = write_wcs_into_raw(path, result.header)
+        try:
+            wrote = write_wcs_into_raw(path, result.header, root=job.raw_root)
+        except WcsWriteRefused as exc:
+            write_error = f"not written: {exc}"
+        except (OSError, ValueError) as exc:  # the solution stands; the file could not take it
+            write_error = f"write failed: {type(exc).__name__}: {exc}"
     st = os.stat(path)
     return SolveOutcome(
-        result, marker, wrote, pointing, st.st_size, st.st_mtime_ns, None, time.perf_counter() - start
+        result, marker, wrote, pointing, st.st_size, st.st_mtime_ns, None, time.perf_counter() - start,
+        write_error,
     )

@@ -21,6 +21,7 @@ from huntsman.science.starfield import make_tan_sip_wcs
 from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.science.wcs_writer import (
     MARKER_KEY,
+    WcsWriteRefused,
     cleanup_temp_files,
     is_wcs_keyword,
     read_wcs_marker,
@@ -65,7 +66,7 @@ def test_write_back_keeps_data_bytes_and_keywords(science: Path) -> None:
     original = fits.getheader(science)
     assert read_wcs_marker(science) is None
     new = solution(65.3)
-    assert write_wcs_into_raw(science, new) is True
+    assert write_wcs_into_raw(science, new, root=science.parent) is True
 
     prefix, _, data = split(science)
     assert prefix == before_prefix == b""
@@ -88,14 +89,14 @@ def test_write_back_keeps_data_bytes_and_keywords(science: Path) -> None:
 
 def test_second_call_is_a_no_op(science: Path) -> None:
     new = solution(65.3)
-    assert write_wcs_into_raw(science, new)
+    assert write_wcs_into_raw(science, new, root=science.parent)
     stat, content = science.stat(), science.read_bytes()
-    assert write_wcs_into_raw(science, dict(new)) is False
+    assert write_wcs_into_raw(science, dict(new), root=science.parent) is False
     assert science.read_bytes() == content
     assert science.stat().st_ino == stat.st_ino  # not even replaced
     # a different solution replaces the first; a TAN-only one leaves no SIP behind
     tan = solution(65.4, sip=False)
-    assert write_wcs_into_raw(science, tan) is True
+    assert write_wcs_into_raw(science, tan, root=science.parent) is True
     header = fits.getheader(science)
     assert not [k for k in header if k.startswith(("A_", "B_", "AP_", "BP_"))]
     assert_same_solution(header, tan, (800, 800))
@@ -115,7 +116,7 @@ def test_strip_wcs_removes_the_solution_only() -> None:
 
 def test_file_mode_is_preserved(science: Path) -> None:
     science.chmod(0o640)
-    write_wcs_into_raw(science, solution(65.3))
+    write_wcs_into_raw(science, solution(65.3), root=science.parent)
     assert science.stat().st_mode & 0o777 == 0o640
 
 
@@ -126,7 +127,7 @@ def test_compressed_file_gets_wcs_in_hdu1(tmp_path: Path) -> None:
     fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, header=hdr)]).writeto(path)
     before = split(path, 1)
     new = solution(65.3, shape=(200, 300))
-    assert write_wcs_into_raw(path, new) is True
+    assert write_wcs_into_raw(path, new, root=tmp_path) is True
     after = split(path, 1)
     assert after[0] == before[0] and after[2] == before[2]
     with fits.open(path) as hdul:
@@ -134,7 +135,7 @@ def test_compressed_file_gets_wcs_in_hdu1(tmp_path: Path) -> None:
         assert hdul[1].header["CAM-ID"] == "TESTCAM03"
         assert_same_solution(hdul[1].header, new, (200, 300))
     assert read_wcs_marker(path) == solution_hash(new)
-    assert write_wcs_into_raw(path, new) is False
+    assert write_wcs_into_raw(path, new, root=tmp_path) is False
 
 
 def test_cleanup_temp_files(tmp_path: Path) -> None:
@@ -163,7 +164,7 @@ CHILD = textwrap.dedent(
     os.fsync = fsync
     print("ready", flush=True)
     for p in paths:
-        write_wcs_into_raw(p, wcs)
+        write_wcs_into_raw(p, wcs, root=os.path.dirname(p))
     """
 )
 
@@ -249,8 +250,68 @@ def test_sigkill_between_temp_write_and_rename(tmp_path: Path) -> None:
     child.stdout.close()
     markers = _check_files(paths, data_blocks, originals, dict.fromkeys(paths), new, shape)
     assert [markers[p] is not None for p in paths] == [i < stop_file for i in range(30)]
-    temp = tmp_path / f".{paths[stop_file].name}.wcs-tmp"
-    assert temp.exists()  # complete new file, never renamed: the original stays valid
-    assert cleanup_temp_files(tmp_path) == [temp]
-    assert write_wcs_into_raw(paths[stop_file], new) is True  # the service retries later
+    temps = sorted(tmp_path.rglob(f".{paths[stop_file].name}.*.wcs-tmp"))
+    assert len(temps) == 1  # complete new file, never renamed: the original stays valid
+    assert cleanup_temp_files(tmp_path) == temps
+    assert write_wcs_into_raw(paths[stop_file], new, root=tmp_path) is True  # the service retries later
     assert read_wcs_marker(paths[stop_file]) == solution_hash(new)
+
+
+# -- nothing written where it must not be -----------------------------------------------------
+def test_planted_temp_name_link_is_not_followed(science: Path, tmp_path: Path) -> None:
+    outside = tmp_path.parent / f"{tmp_path.name}-victim"
+    outside.write_bytes(b"precious")
+    try:
+        planted = science.parent / f".{science.name}.wcs-tmp"  # the old fixed temporary name
+        planted.symlink_to(outside)
+        new = solution(64.9)
+        assert write_wcs_into_raw(science, new, root=science.parent) is True
+        assert outside.read_bytes() == b"precious"
+        assert read_wcs_marker(science) == solution_hash(new)  # the raw file got its WCS
+        assert planted.is_symlink()
+        assert cleanup_temp_files(science.parent) == [planted]  # the link goes, never its target
+        assert outside.read_bytes() == b"precious"
+    finally:
+        outside.unlink()
+
+
+def test_links_and_files_outside_the_root_are_refused(science: Path, tmp_path: Path) -> None:
+    new = solution(64.9)
+    original = science.read_bytes()
+    link = tmp_path / "link.fits"
+    link.symlink_to(science)
+    with pytest.raises(WcsWriteRefused, match="symbolic link"):
+        write_wcs_into_raw(link, new, root=tmp_path)
+    hard = tmp_path / "hard.fits"
+    os.link(science, hard)
+    with pytest.raises(WcsWriteRefused, match="2 hard links"):
+        write_wcs_into_raw(science, new, root=tmp_path)
+    hard.unlink()
+    with pytest.raises(WcsWriteRefused, match="outside the raw root"):
+        write_wcs_into_raw(science, new, root=tmp_path / "raw")
+    with pytest.raises(WcsWriteRefused, match="no raw root"):
+        write_wcs_into_raw(science, new, root=None)
+    assert science.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.fits", "science_0.fits"]
+
+
+def test_owner_group_and_mode_are_kept(science: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file another owner")
+    os.chown(science, 1234, 4321)
+    os.chmod(science, 0o640)
+    assert write_wcs_into_raw(science, solution(64.9), root=science.parent) is True
+    info = science.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (1234, 4321, 0o640)
+
+
+def test_cleanup_does_not_descend_into_links(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / ".b.fits.wcs-tmp"
+    victim.write_bytes(b"not ours")
+    root = tmp_path / "raw"
+    root.mkdir()
+    (root / "linked").symlink_to(elsewhere)
+    assert cleanup_temp_files(root) == []
+    assert victim.exists()
