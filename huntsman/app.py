@@ -20,6 +20,7 @@ from huntsman.logs import get_logger
 from huntsman.models import DetectorConstants, IngestParams
 from huntsman.science.offline import configure_offline_astropy
 from huntsman.services.calib import CalibService
+from huntsman.services.disk import DiskMonitor, watched_paths
 from huntsman.services.http import StatusServer
 from huntsman.services.ingestor import FileIngestor
 from huntsman.services.quality import QualityMonitor
@@ -117,9 +118,13 @@ class Application:
         if config.qc.enabled:
             self.calib.on_master_built.append(self.quality.on_master_built)
             self.solver.listeners.append(self.quality.on_wcs_final)
+        self.disk = DiskMonitor(config.disk, watched_paths(config), log)
+        for writer in (self.ingestor, self.solver, self.calib, self.quality):
+            writer.disk = self.disk
         self.reporter = ReportScheduler(database, config.report, config.paths.reports_dir, log)
         self.http = StatusServer(
-            config.http, database, pool, state=self.state, reports_dir=config.paths.reports_dir, log=log
+            config.http, database, pool, state=self.state, reports_dir=config.paths.reports_dir, log=log,
+            disk=self.disk,
         )
 
     def state(self) -> dict[str, Any]:
@@ -136,6 +141,7 @@ class Application:
             "pool_rebuilds": self.pool.rebuilds,
             "calib": self.calib.state(),
             "qc": self.quality.state(),
+            "disk": self.disk.state(),
         }
 
     async def _heartbeat(self) -> None:
@@ -149,6 +155,7 @@ class Application:
     async def run(self, stop: asyncio.Event) -> None:
         """Run every service until ``stop`` is set, then shut down in stages."""
         shutdown = self.config.shutdown
+        await self.disk.check()  # a full disk pauses the writers from their first item
         async with asyncio.TaskGroup() as group:
             intake = [
                 group.create_task(self.watcher.run(), name="watcher"),
@@ -163,6 +170,8 @@ class Application:
             if self.config.http.enabled:
                 intake.append(group.create_task(self.http.run(), name="http"))
             work = [
+                # Work stage: keeps measuring while the queues drain (waiters need its news).
+                group.create_task(self.disk.run(), name="disk"),
                 group.create_task(self.ingestor.run(), name="ingestor"),
                 group.create_task(self.solver.run(), name="solver"),
             ]

@@ -290,6 +290,20 @@ class HttpConfig(_Section):
     db_timeout_s: float = Field(1.0, gt=0, description="/healthz: database ping deadline")
     pool_timeout_s: float = Field(2.0, gt=0, description="/healthz: trivial pool job deadline")
     max_loop_lag_s: float = Field(1.0, gt=0, description="/healthz: event-loop lag limit")
+    max_concurrent_requests: int = Field(
+        8, ge=1, le=10000, description="requests handled at once; more are answered 503 at once"
+    )
+    query_timeout_s: float = Field(2.0, gt=0, description="deadline of each database query of a page")
+
+
+class DiskConfig(_Section):
+    """Free-space watch of the directories the service writes (var, database, calib, calibrated)."""
+
+    interval_s: float = Field(5.0, gt=0, description="how often free space is measured")
+    min_free_mb: float = Field(256.0, ge=0, description="less free space than this is 'low'")
+    min_free_fraction: float = Field(
+        0.0, ge=0, lt=1, description="... or less than this fraction of the filesystem"
+    )
 
 
 class ServiceConfig(_Section):
@@ -313,6 +327,7 @@ class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     report: ReportConfig = ReportConfig()
     http: HttpConfig = HttpConfig()
+    disk: DiskConfig = DiskConfig()
 
     @field_validator("cameras")
     @classmethod

@@ -4,6 +4,11 @@ A tiny HTTP/1.1 server on asyncio streams (``asyncio.start_server``): three read
 the report PNGs do not justify a web framework.  One request per connection
 (``Connection: close``), GET/HEAD only, bounded request size and read deadline.  Bind it to
 127.0.0.1 (the default) and put a proxy in front for anything else.
+
+Under load it protects ingestion, not itself: at most ``http.max_concurrent_requests`` requests
+are served at once and any other is answered ``503`` straight away (a prepared response, no
+database work), and every database query behind a page has a deadline (``maxTimeMS`` on the
+server and ``http.query_timeout_s`` here), past which the request is answered ``503``.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from huntsman import __version__
 from huntsman.config import HttpConfig
@@ -27,11 +32,13 @@ from huntsman.models import utcnow
 from huntsman.report.data import get_path, number
 from huntsman.report.html import CSS, fmt
 from huntsman.report.html import table as _table
+from huntsman.services.disk import DiskMonitor
 from huntsman.store.database import Database
 from huntsman.workers.pool import ComputePool
 
-__all__ = ["Health", "StatusServer", "quantiles"]
+__all__ = ["Health", "QueryTimeout", "StatusServer", "quantiles"]
 
+_T = TypeVar("_T")
 _MAX_REQUEST = 8192
 _READ_TIMEOUT_S = 5.0
 _NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -49,6 +56,17 @@ _STATUS_TEXT = {
 _CONTENT_TYPES = {"png": "image/png", "html": "text/html; charset=utf-8"}
 LATENCY_STAGES = (("seen", "file_seen"), ("ingested", "ingested"), ("solved", "solved"), ("qc", "qc_done"))
 DURATION_FIELDS = (("ingest", "ingest.duration_s"), ("solve", "wcs.solve_time_s"), ("qc", "qc.duration_s"))
+
+
+class QueryTimeout(Exception):
+    """A database query of a page missed its deadline."""
+
+
+_BUSY = (
+    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    "Content-Length: 5\r\nRetry-After: 1\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    "busy\n"
+).encode("latin-1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +137,10 @@ class StatusServer:
         state: Callable[[], dict[str, Any]],
         reports_dir: Path,
         log: Any,
+        disk: DiskMonitor | None = None,
     ) -> None:
         self.config = config
+        self.disk = disk
         self.database = database
         self.pool = pool
         self.state = state
@@ -132,6 +152,8 @@ class StatusServer:
         self.loop_lag_s = 0.0
         self._pool_cache: tuple[float, str] | None = None
         self.requests = 0
+        self.active = 0  # requests being served now
+        self.refused = 0  # answered 503 at once because max_concurrent_requests were active
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -171,6 +193,8 @@ class StatusServer:
         checks["loop"] = "ok" if lag <= self.config.max_loop_lag_s else f"event loop lag {lag:.2f} s"
         checks["pool"] = await self._pool_health()
         checks["database"] = await self._database_health()
+        if self.disk is not None:
+            checks["disk"] = self.disk.reason() or "ok"
         return Health(all(v == "ok" for v in checks.values()), checks)
 
     async def _database_health(self) -> str:
@@ -211,12 +235,56 @@ class StatusServer:
         return result
 
     # -- HTTP -----------------------------------------------------------------------------
+    async def _query(self, query: Awaitable[_T]) -> _T:
+        """One database query of a page, within ``query_timeout_s``."""
+        try:
+            return await asyncio.wait_for(query, self.config.query_timeout_s)
+        except TimeoutError:
+            raise QueryTimeout(
+                f"database did not answer within {self.config.query_timeout_s:g} s"
+            ) from None
+
+    @property
+    def _max_time_ms(self) -> int:
+        return max(1, int(self.config.query_timeout_s * 1000))
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.config.max_concurrent_requests:
+            await self._refuse(reader, writer)
+            return
+        self.active += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.active -= 1
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Too many requests at once: a prepared 503, no parsing and no database work."""
+        self.refused += 1
+        # Consume the request head if it is already there (closing a socket with unread data
+        # resets the connection before the client reads the answer); never wait for it long.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.2)
+        try:
+            writer.write(_BUSY)
+            await asyncio.wait_for(writer.drain(), _READ_TIMEOUT_S)
+        except (ConnectionError, OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        plain = "text/plain; charset=utf-8"
         try:
             status, ctype, body, head_only = await self._respond(reader)
+        except QueryTimeout as exc:
+            self._log.warning("http_query_timeout", error=str(exc))
+            status, ctype, body, head_only = 503, plain, f"{exc}\n".encode(), False
         except Exception:
             self._log.exception("http_error")
-            status, ctype, body, head_only = 500, "text/plain; charset=utf-8", b"internal error\n", False
+            status, ctype, body, head_only = 500, plain, b"internal error\n", False
         self.requests += 1
         head = (
             f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
@@ -225,13 +293,13 @@ class StatusServer:
         )
         try:
             writer.write(head.encode("latin-1") + (b"" if head_only else body))
-            await writer.drain()
-        except (ConnectionError, OSError):
+            await asyncio.wait_for(writer.drain(), _READ_TIMEOUT_S)
+        except (ConnectionError, OSError, TimeoutError):
             pass
         finally:
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:
         plain = "text/plain; charset=utf-8"
@@ -280,8 +348,13 @@ class StatusServer:
             "wcs.solve_time_s": 1,
             "qc.duration_s": 1,
         }
-        cursor = self.database.exposures.collection.find({}, projection).sort("date_obs", -1).limit(limit)
-        return [doc async for doc in cursor]
+        cursor = (
+            self.database.exposures.collection.find({}, projection)
+            .sort("date_obs", -1)
+            .limit(limit)
+            .max_time_ms(self._max_time_ms)
+        )
+        return await self._query(cursor.to_list())
 
     async def metrics(self) -> str:
         m = _Metrics()
@@ -293,7 +366,7 @@ class StatusServer:
             "counter",
             "Exposure documents by observation type and ingest status (from the database).",
         )
-        for row in await self.database.exposures.counts_by("observation_type", "ingest.status"):
+        for row in await self._query(self.database.exposures.counts_by("observation_type", "ingest.status")):
             m.sample(
                 "huntsman_files_ingested_total",
                 row["n"],
@@ -378,7 +451,7 @@ class StatusServer:
             ["<td>pool in flight</td>", f'<td class="num">{self.pool.in_flight if self.pool else 0}</td>']
         )
         parts.append("<h2>Queues</h2>" + _table(["queue", "depth"], rows, "queues"))
-        counts = await self.database.exposures.counts_by("observation_type", "ingest.status")
+        counts = await self._query(self.database.exposures.counts_by("observation_type", "ingest.status"))
         rows = [
             [
                 f"<td>{e(fmt(r.get('observation_type')))}</td>",
@@ -422,10 +495,13 @@ class StatusServer:
             ("qc.limiting_mag_5sigma", 2),
         )
         cursor = (
-            self.database.exposures.collection.find({}, {"_id": 0, "header": 0}).sort("date_obs", -1).limit(n)
+            self.database.exposures.collection.find({}, {"_id": 0, "header": 0})
+            .sort("date_obs", -1)
+            .limit(n)
+            .max_time_ms(self._max_time_ms)
         )
         rows = []
-        async for doc in cursor:
+        for doc in await self._query(cursor.to_list()):
             cells = [f"<td><code>{e(os.path.basename(str(doc.get('filename'))))}</code></td>"]
             for field, digits in columns:
                 value = get_path(doc, field)
@@ -474,9 +550,10 @@ class StatusServer:
             )
             .sort("date_modified", -1)
             .limit(n)
+            .max_time_ms(self._max_time_ms)
         )
         rows = []
-        async for doc in cursor:
+        for doc in await self._query(cursor.to_list()):
             for stage in ("ingest", "wcs", "qc"):
                 if get_path(doc, f"{stage}.status") in ("failed", "quarantined"):
                     rows.append(
