@@ -40,6 +40,7 @@ __all__ = ["Health", "QueryTimeout", "StatusServer", "quantiles"]
 
 _T = TypeVar("_T")
 _MAX_REQUEST = 8192
+_BACKLOG = 1024  # a burst of connections is queued by the kernel, not refused with a SYN retry
 _READ_TIMEOUT_S = 5.0
 _NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(png|html)$")
@@ -158,7 +159,7 @@ class StatusServer:
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._handle, self.config.host, self.config.port, limit=_MAX_REQUEST
+            self._handle, self.config.host, self.config.port, limit=_MAX_REQUEST, backlog=_BACKLOG
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._log.info("http_started", host=self.config.host, port=self.port)
@@ -261,14 +262,15 @@ class StatusServer:
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Too many requests at once: a prepared 503, no parsing and no database work."""
         self.refused += 1
-        # Consume the request head if it is already there (closing a socket with unread data
-        # resets the connection before the client reads the answer); never wait for it long.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.2)
         try:
             writer.write(_BUSY)
             await asyncio.wait_for(writer.drain(), _READ_TIMEOUT_S)
-        except (ConnectionError, OSError, TimeoutError):
+            if writer.can_write_eof():
+                writer.write_eof()
+            # Read (and drop) the request until the client closes: closing a socket with unread
+            # data would reset the connection before the client has read the answer.
+            await asyncio.wait_for(reader.read(_MAX_REQUEST), 1.0)
+        except (ConnectionError, OSError, TimeoutError, asyncio.LimitOverrunError):
             pass
         finally:
             writer.close()
