@@ -294,6 +294,7 @@ class HttpConfig(_Section):
         8, ge=1, le=10000, description="requests handled at once; more are answered 503 at once"
     )
     query_timeout_s: float = Field(2.0, gt=0, description="deadline of each database query of a page")
+    cache_s: float = Field(2.0, ge=0, description="the page and /metrics are rendered at most this often")
 
 
 class DiskConfig(_Section):

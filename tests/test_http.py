@@ -220,13 +220,17 @@ async def test_flood_gets_200_or_immediate_503_never_hangs(
         return status, time.monotonic() - t0
 
     try:
+        t0 = time.monotonic()
         results = await asyncio.wait_for(
             asyncio.gather(*(one("/" if i % 2 else "/metrics") for i in range(clients))), 60
         )
+        elapsed = time.monotonic() - t0
         statuses = Counter(s for s, _ in results)
         assert set(statuses) <= {200, 503}, statuses
         assert statuses[200] >= limit and statuses[503] > 0, statuses
         assert server.refused == statuses[503] and server.active == 0
+        # Page and metrics rendered once per cache_s whatever the number of clients.
+        assert server.renders <= 2 * (1 + int(elapsed / server.config.cache_s)), (server.renders, elapsed)
         refused_s = sorted(t for s, t in results if s == 503)
         print(f"{clients} concurrent: {dict(statuses)}, 503 answered in p50 "
               f"{refused_s[len(refused_s) // 2] * 1000:.1f} ms, max {refused_s[-1] * 1000:.1f} ms")
@@ -254,7 +258,7 @@ async def test_page_queries_have_deadlines(tmp_path: Path, pool: ComputePool) ->
     database = connect(uri, "deadlines", server_selection_timeout_s=1.0)
     await insert_night(database)
     http = StatusServer(
-        HttpConfig(port=0, db_timeout_s=0.5, query_timeout_s=0.5), database, pool, state=state,
+        HttpConfig(port=0, db_timeout_s=0.5, query_timeout_s=0.5, cache_s=0), database, pool, state=state,
         reports_dir=tmp_path / "reports", log=LOG,
     )
     task = await serve(http)

@@ -8,7 +8,9 @@ the report PNGs do not justify a web framework.  One request per connection
 Under load it protects ingestion, not itself: at most ``http.max_concurrent_requests`` requests
 are served at once and any other is answered ``503`` straight away (a prepared response, no
 database work), and every database query behind a page has a deadline (``maxTimeMS`` on the
-server and ``http.query_timeout_s`` here), past which the request is answered ``503``.
+server and ``http.query_timeout_s`` here), past which the request is answered ``503``.  The
+page and the metrics are rendered at most once per ``http.cache_s`` (concurrent requests share
+one rendering), so their cost does not grow with the number of clients.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -155,6 +157,8 @@ class StatusServer:
         self.requests = 0
         self.active = 0  # requests being served now
         self.refused = 0  # answered 503 at once because max_concurrent_requests were active
+        self.renders = 0  # pages and metrics actually rendered (the others came from the cache)
+        self._cache: dict[str, tuple[float, asyncio.Task[str]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -245,6 +249,27 @@ class StatusServer:
                 f"database did not answer within {self.config.query_timeout_s:g} s"
             ) from None
 
+    async def _cached(self, key: str, render: Callable[[], Coroutine[Any, Any, str]]) -> str:
+        """One rendering shared by every request within ``cache_s`` (and by those that arrive
+        while it is being made): a flood of page loads costs the database one query set."""
+        if self.config.cache_s <= 0:
+            self.renders += 1
+            return await render()
+        now = time.monotonic()
+        entry = self._cache.get(key)
+        fresh = entry is not None and (
+            not entry[1].done()
+            or (entry[1].exception() is None and now - entry[0] < self.config.cache_s)
+        )
+        if entry is None or not fresh:
+            self.renders += 1
+            task: asyncio.Task[str] = asyncio.get_running_loop().create_task(
+                render(), name=f"http-render-{key}"
+            )
+            entry = self._cache[key] = (now, task)
+        # Shielded: a client that goes away does not cancel the rendering the others wait for.
+        return await asyncio.shield(entry[1])
+
     @property
     def _max_time_ms(self) -> int:
         return max(1, int(self.config.query_timeout_s * 1000))
@@ -322,10 +347,10 @@ class StatusServer:
             lines += [f"{k}: {v}" for k, v in health.checks.items()]
             return (200 if health.ok else 503), plain, ("\n".join(lines) + "\n").encode(), head_only
         if target == "/metrics":
-            text = await self.metrics()
+            text = await self._cached("metrics", self.metrics)
             return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode(), head_only
         if target in ("/", "/index.html"):
-            return 200, _CONTENT_TYPES["html"], (await self.page()).encode(), head_only
+            return 200, _CONTENT_TYPES["html"], (await self._cached("page", self.page)).encode(), head_only
         if target.startswith("/reports/"):
             found = await asyncio.to_thread(self._report_file, target)
             if found is not None:
