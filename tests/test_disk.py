@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from huntsman.app import make_calib_service, make_pool
 from huntsman.config import DiskConfig
 from huntsman.logs import get_logger
 from huntsman.services.disk import DiskMonitor, is_disk_full
+from huntsman.store.database import Database
 from tests.conftest import ServiceHandle, copy_sample, make_config, wait_for
 from tests.test_http import get
 
@@ -203,3 +205,44 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
     refused = [e for e in logs if e["event"] in ("ingest_write_waiting", "heartbeat_failed")]
     print(f"writes refused by the database while full: {len(refused)}",
           sorted({str(e.get("error"))[:120] for e in refused}))
+
+
+async def test_write_error_is_recorded_with_the_real_reason_and_gate_waits(
+    tmp_path: Path, small_fs: Path, mongo_uri: str, db_name: str, database: Database
+) -> None:
+    """A master written to a full calib filesystem: the status record gives ``[Errno 28] No
+    space left on device``; with the gate on, the build waits for space and then succeeds."""
+    from tests.test_calib_service import D1, SMALL_GROUPS, ingest, night
+
+    config = make_config(tmp_path, mongo_uri, db_name, calib_dir=small_fs, **SMALL_GROUPS)
+    log = get_logger(test="disk")
+    pool = make_pool(config, log)
+    ballast = small_fs / "ballast"
+    try:
+        await ingest(database, night(tmp_path / "raw" / D1, D1, {"bias": 3}))
+        calib = make_calib_service(config, database, pool, log)
+        await asyncio.to_thread(fill, ballast)
+
+        # No gate (the disk filled between the check and the write): the real reason is kept.
+        await calib.run_pass(dates={D1}, reason="test")
+        [status] = [s async for s in database.calibs.find_status()]
+        assert status["state"] == "failed"
+        assert "[Errno 28] No space left on device" in status["reason"], status["reason"]
+        assert "internal server error" not in status["reason"]
+
+        # With the gate: the build waits while the disk is low, and is built once space returns.
+        calib.disk = DiskMonitor(DiskConfig(interval_s=0.1, min_free_mb=1.0), {"calib_dir": small_fs}, log)
+        await calib.disk.check()
+        monitor = asyncio.create_task(calib.disk.run(), name="disk")
+        build = asyncio.create_task(calib.run_pass(dates={D1}, force=True, reason="test"), name="pass")
+        checks = calib.disk.checks
+        await wait_for(lambda: _true(calib.disk is not None and calib.disk.checks >= checks + 5), 10)
+        assert not build.done()
+        await asyncio.to_thread(ballast.unlink)
+        await asyncio.wait_for(build, 60)
+        monitor.cancel()
+        [status] = [s async for s in database.calibs.find_status()]
+        assert status["state"] == "built", status
+        assert await database.calibs.count({}) == 1
+    finally:
+        await pool.shutdown(2.0)

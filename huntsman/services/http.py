@@ -179,6 +179,8 @@ class StatusServer:
 
     async def stop(self) -> None:
         server, self._server = self._server, None
+        for _, task in self._cache.values():
+            task.cancel()
         if server is not None:
             server.close()
             with contextlib.suppress(Exception):
@@ -257,15 +259,12 @@ class StatusServer:
             return await render()
         now = time.monotonic()
         entry = self._cache.get(key)
-        fresh = entry is not None and (
-            not entry[1].done()
-            or (entry[1].exception() is None and now - entry[0] < self.config.cache_s)
-        )
-        if entry is None or not fresh:
+        if entry is None or not _reusable(entry[1], now - entry[0], self.config.cache_s):
             self.renders += 1
             task: asyncio.Task[str] = asyncio.get_running_loop().create_task(
                 render(), name=f"http-render-{key}"
             )
+            task.add_done_callback(_retrieve)  # a failure nobody waited for is not an error
             entry = self._cache[key] = (now, task)
         # Shielded: a client that goes away does not cancel the rendering the others wait for.
         return await asyncio.shield(entry[1])
@@ -593,6 +592,18 @@ class StatusServer:
         return "<h2>Recent errors</h2>" + (
             _table(["file", "stage", "error"], rows, "errors") if rows else "<p>None.</p>"
         )
+
+
+def _reusable(task: asyncio.Task[str], age_s: float, cache_s: float) -> bool:
+    """A rendering under way, or one that succeeded less than ``cache_s`` ago."""
+    if not task.done():
+        return True
+    return not task.cancelled() and task.exception() is None and age_s < cache_s
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _queue_depths(state: dict[str, Any]) -> dict[str, int]:
