@@ -120,6 +120,21 @@ def qc_headlines(r: dict[str, Any]) -> list[Headline]:
     ]
 
 
+def http_load_headlines(r: dict[str, Any]) -> list[Headline]:
+    rows = [figure(t["figure"], t["value"], t["unit"], t["op"], t["target"], t["source"])
+            for t in r.get("targets", [])]
+    f = r.get("figures", {})
+    c = r.get("clients", {})
+    rows += [
+        figure("quiet.latency_s.p95", get(f, "quiet.latency_s.p95"), "s"),
+        figure("loaded.latency_s.p95", get(f, "loaded.latency_s.p95"), "s"),
+        figure("status page requests/s (200 clients)", c.get("requests_per_s"), "req/s"),
+        figure("status page answers 503", get(c, "statuses.503"), ""),
+        figure("status page answers 200", get(c, "statuses.200"), ""),
+    ]
+    return rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -133,6 +148,8 @@ class Benchmark:
 BENCHMARKS = (
     Benchmark("ingest", "bench_ingest.py", (), ("--full", "20", "--small", "200"), 1200,
               ingest_headlines),
+    Benchmark("http_load", "bench_http_load.py", (), ("--frames", "6", "--blocks", "2", "--warmup", "1"),
+              900, http_load_headlines),
     Benchmark("metrics", "bench_metrics.py", (), ("--repeats", "1"), 900, metrics_headlines),
     Benchmark("stacking", "bench_stacking.py", (), ("--n", "5", "--ccdproc-timeout", "120"), 3600,
               stacking_headlines),

@@ -27,6 +27,7 @@ from huntsman.models import DetectorConstants, FileSource, IngestParams
 from huntsman.science.offline import configure_offline_astropy
 from huntsman.science.paths import private_dir
 from huntsman.services.calib import CalibService
+from huntsman.services.disk import DiskMonitor, watched_paths
 from huntsman.services.http import StatusServer
 from huntsman.services.ingestor import FileIngestor
 from huntsman.services.quality import QualityMonitor
@@ -131,9 +132,13 @@ class Application:
         if config.qc.enabled:
             self.calib.on_master_built.append(self.quality.on_master_built)
             self.solver.listeners.append(self.quality.on_wcs_final)
+        self.disk = DiskMonitor(config.disk, watched_paths(config), log)
+        for writer in (self.ingestor, self.solver, self.calib, self.quality):
+            writer.disk = self.disk
         self.reporter = ReportScheduler(database, config.report, config.paths.reports_dir, log)
         self.http = StatusServer(
-            config.http, database, pool, state=self.state, reports_dir=config.paths.reports_dir, log=log
+            config.http, database, pool, state=self.state, reports_dir=config.paths.reports_dir, log=log,
+            disk=self.disk,
         )
         self._reconcile_wanted = asyncio.Event()
         self._stop: asyncio.Event | None = None
@@ -183,6 +188,7 @@ class Application:
             "calib": self.calib.state(),
             "qc": self.quality.state(),
             "database": self.monitor.state(),
+            "disk": self.disk.state(),
         }
 
     async def _heartbeat(self) -> None:
@@ -221,6 +227,7 @@ class Application:
         def service(group: asyncio.TaskGroup, name: str, loop: Callable[[], Awaitable[None]]) -> Any:
             return group.create_task(self._outlasting_outages(name, loop), name=name)
 
+        await self.disk.check()  # a full disk pauses the writers from their first item
         async with asyncio.TaskGroup() as group:
             intake = [
                 group.create_task(self.watcher.run(), name="watcher"),
@@ -237,6 +244,8 @@ class Application:
             if self.config.http.enabled:
                 intake.append(group.create_task(self.http.run(), name="http"))
             work = [
+                # Work stage: keeps measuring while the queues drain (waiters need its news).
+                group.create_task(self.disk.run(), name="disk"),
                 service(group, "ingestor", self.ingestor.run),
                 service(group, "solver", self.solver.run),
             ]

@@ -316,6 +316,21 @@ class HttpConfig(_Section):
     db_timeout_s: float = Field(1.0, gt=0, description="/healthz: database ping deadline")
     pool_timeout_s: float = Field(2.0, gt=0, description="/healthz: trivial pool job deadline")
     max_loop_lag_s: float = Field(1.0, gt=0, description="/healthz: event-loop lag limit")
+    max_concurrent_requests: int = Field(
+        8, ge=1, le=10000, description="requests handled at once; more are answered 503 at once"
+    )
+    query_timeout_s: float = Field(2.0, gt=0, description="deadline of each database query of a page")
+    cache_s: float = Field(2.0, ge=0, description="the page and /metrics are rendered at most this often")
+
+
+class DiskConfig(_Section):
+    """Free-space watch of the directories the service writes (var, database, calib, calibrated)."""
+
+    interval_s: float = Field(5.0, gt=0, description="how often free space is measured")
+    min_free_mb: float = Field(256.0, ge=0, description="less free space than this is 'low'")
+    min_free_fraction: float = Field(
+        0.0, ge=0, lt=1, description="... or less than this fraction of the filesystem"
+    )
 
     @model_validator(mode="after")
     def _check_bind(self) -> HttpConfig:
@@ -357,6 +372,7 @@ class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     report: ReportConfig = ReportConfig()
     http: HttpConfig = HttpConfig()
+    disk: DiskConfig = DiskConfig()
 
     @field_validator("cameras")
     @classmethod

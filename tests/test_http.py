@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
+import signal
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -196,3 +200,93 @@ async def test_report_scheduler_writes_each_night_once(database: Database, tmp_p
     now[0] += dt.timedelta(days=3)  # down for three nights: none is skipped
     assert [r.night for r in await scheduler().run_once()] == ["2024-05-11", "2024-05-12", "2024-05-13"]
     assert await database.db["reports"].count_documents({}) == 5
+
+
+async def test_flood_gets_200_or_immediate_503_never_hangs(
+    database: Database, pool: ComputePool, tmp_path: Path
+) -> None:
+    await insert_night(database)
+    limit = 4
+    server = StatusServer(
+        HttpConfig(port=0, max_concurrent_requests=limit), database, pool, state=state,
+        reports_dir=tmp_path / "reports", log=LOG,
+    )
+    task = await serve(server)
+    clients = 300
+
+    async def one(path: str) -> tuple[int, float]:
+        t0 = time.monotonic()
+        status, _ = await get(server.port or 0, path)
+        return status, time.monotonic() - t0
+
+    try:
+        t0 = time.monotonic()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(one("/" if i % 2 else "/metrics") for i in range(clients))), 60
+        )
+        elapsed = time.monotonic() - t0
+        statuses = Counter(s for s, _ in results)
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses[200] >= limit and statuses[503] > 0, statuses
+        assert server.refused == statuses[503] and server.active == 0
+        # Page and metrics rendered once per cache_s whatever the number of clients.
+        assert server.renders <= 2 * (1 + int(elapsed / server.config.cache_s)), (server.renders, elapsed)
+        refused_s = sorted(t for s, t in results if s == 503)
+        print(f"{clients} concurrent: {dict(statuses)}, 503 answered in p50 "
+              f"{refused_s[len(refused_s) // 2] * 1000:.1f} ms, max {refused_s[-1] * 1000:.1f} ms")
+        assert (await get(server.port or 0, "/healthz"))[0] == 200  # served normally afterwards
+
+        # Every slot held by a client that never sends its request: the others get 503 at once.
+        idle = [await asyncio.open_connection("127.0.0.1", server.port or 0) for _ in range(limit)]
+        await wait_for(lambda: _is(server.active == limit), 5)
+        busy = await asyncio.wait_for(asyncio.gather(*(one("/") for _ in range(100))), 30)
+        assert {s for s, _ in busy} == {503}
+        worst = max(t for _, t in busy)
+        print(f"all {limit} slots held: 100 requests answered 503 in max {worst * 1000:.1f} ms")
+        assert worst < 1.0
+        for _, writer in idle:
+            writer.close()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_page_queries_have_deadlines(tmp_path: Path, pool: ComputePool) -> None:
+    """With the database frozen (SIGSTOP) every page answers 503 within its deadlines."""
+    server_db = EmbeddedServer(tmp_path / "db", port=0, log=LOG)
+    uri = await server_db.start()
+    database = connect(uri, "deadlines", server_selection_timeout_s=1.0)
+    await insert_night(database)
+    http = StatusServer(
+        HttpConfig(port=0, db_timeout_s=0.5, query_timeout_s=0.5, cache_s=0), database, pool, state=state,
+        reports_dir=tmp_path / "reports", log=LOG,
+    )
+    task = await serve(http)
+    assert server_db.pid is not None
+    try:
+        assert (await get(http.port or 0, "/"))[0] == 200
+        os.kill(server_db.pid, signal.SIGSTOP)
+        try:
+            for path in ("/", "/metrics", "/healthz"):
+                t0 = time.monotonic()
+                status, body = await get(http.port or 0, path)
+                elapsed = time.monotonic() - t0
+                assert status == 503, (path, status, body[:200])
+                assert "database did not answer" in body, body[:300]
+                assert elapsed < 3.0, (path, elapsed)
+        finally:
+            os.kill(server_db.pid, signal.SIGCONT)
+        await wait_for(lambda: _ok(http.port or 0), 20, 0.2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await database.close()
+        await server_db.stop()
+
+
+async def _is(value: bool) -> bool:
+    return value
+
+
+async def _ok(port: int) -> bool:
+    return (await get(port, "/"))[0] == 200

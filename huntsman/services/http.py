@@ -4,6 +4,13 @@ A tiny HTTP/1.1 server on asyncio streams (``asyncio.start_server``): three read
 the report PNGs do not justify a web framework.  One request per connection
 (``Connection: close``), GET/HEAD only, bounded request size and read deadline.  Bind it to
 127.0.0.1 (the default) and put a proxy in front for anything else.
+
+Under load it protects ingestion, not itself: at most ``http.max_concurrent_requests`` requests
+are served at once and any other is answered ``503`` straight away (a prepared response, no
+database work), and every database query behind a page has a deadline (``maxTimeMS`` on the
+server and ``http.query_timeout_s`` here), past which the request is answered ``503``.  The
+page and the metrics are rendered at most once per ``http.cache_s`` (concurrent requests share
+one rendering), so their cost does not grow with the number of clients.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from huntsman import __version__
 from huntsman.config import HttpConfig
@@ -27,12 +34,15 @@ from huntsman.models import utcnow
 from huntsman.report.data import get_path, number
 from huntsman.report.html import CSS, fmt
 from huntsman.report.html import table as _table
+from huntsman.services.disk import DiskMonitor
 from huntsman.store.database import Database
 from huntsman.workers.pool import ComputePool
 
-__all__ = ["Health", "StatusServer", "quantiles"]
+__all__ = ["Health", "QueryTimeout", "StatusServer", "quantiles"]
 
+_T = TypeVar("_T")
 _MAX_REQUEST = 8192
+_BACKLOG = 1024  # a burst of connections is queued by the kernel, not refused with a SYN retry
 _READ_TIMEOUT_S = 5.0
 _NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(png|html)$")
@@ -49,6 +59,17 @@ _STATUS_TEXT = {
 _CONTENT_TYPES = {"png": "image/png", "html": "text/html; charset=utf-8"}
 LATENCY_STAGES = (("seen", "file_seen"), ("ingested", "ingested"), ("solved", "solved"), ("qc", "qc_done"))
 DURATION_FIELDS = (("ingest", "ingest.duration_s"), ("solve", "wcs.solve_time_s"), ("qc", "qc.duration_s"))
+
+
+class QueryTimeout(Exception):
+    """A database query of a page missed its deadline."""
+
+
+_BUSY = (
+    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    "Content-Length: 5\r\nRetry-After: 1\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    "busy\n"
+).encode("latin-1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +140,10 @@ class StatusServer:
         state: Callable[[], dict[str, Any]],
         reports_dir: Path,
         log: Any,
+        disk: DiskMonitor | None = None,
     ) -> None:
         self.config = config
+        self.disk = disk
         self.database = database
         self.pool = pool
         self.state = state
@@ -132,6 +155,10 @@ class StatusServer:
         self.loop_lag_s = 0.0
         self._pool_cache: tuple[float, str] | None = None
         self.requests = 0
+        self.active = 0  # requests being served now
+        self.refused = 0  # answered 503 at once because max_concurrent_requests were active
+        self.renders = 0  # pages and metrics actually rendered (the others came from the cache)
+        self._cache: dict[str, tuple[float, asyncio.Task[str]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -139,7 +166,7 @@ class StatusServer:
             self._log.warning("http_remote_bind", host=self.config.host, port=self.config.port,
                               note="the status page is reachable from the network")
         self._server = await asyncio.start_server(
-            self._handle, self.config.host, self.config.port, limit=_MAX_REQUEST
+            self._handle, self.config.host, self.config.port, limit=_MAX_REQUEST, backlog=_BACKLOG
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._log.info("http_started", host=self.config.host, port=self.port)
@@ -155,6 +182,8 @@ class StatusServer:
 
     async def stop(self) -> None:
         server, self._server = self._server, None
+        for _, task in self._cache.values():
+            task.cancel()
         if server is not None:
             server.close()
             with contextlib.suppress(Exception):
@@ -174,6 +203,8 @@ class StatusServer:
         checks["loop"] = "ok" if lag <= self.config.max_loop_lag_s else f"event loop lag {lag:.2f} s"
         checks["pool"] = await self._pool_health()
         checks["database"] = await self._database_health()
+        if self.disk is not None:
+            checks["disk"] = self.disk.reason() or "ok"
         return Health(all(v == "ok" for v in checks.values()), checks)
 
     async def _database_health(self) -> str:
@@ -214,12 +245,75 @@ class StatusServer:
         return result
 
     # -- HTTP -----------------------------------------------------------------------------
+    async def _query(self, query: Awaitable[_T]) -> _T:
+        """One database query of a page, within ``query_timeout_s``."""
+        try:
+            return await asyncio.wait_for(query, self.config.query_timeout_s)
+        except TimeoutError:
+            raise QueryTimeout(
+                f"database did not answer within {self.config.query_timeout_s:g} s"
+            ) from None
+
+    async def _cached(self, key: str, render: Callable[[], Coroutine[Any, Any, str]]) -> str:
+        """One rendering shared by every request within ``cache_s`` (and by those that arrive
+        while it is being made): a flood of page loads costs the database one query set."""
+        if self.config.cache_s <= 0:
+            self.renders += 1
+            return await render()
+        now = time.monotonic()
+        entry = self._cache.get(key)
+        if entry is None or not _reusable(entry[1], now - entry[0], self.config.cache_s):
+            self.renders += 1
+            task: asyncio.Task[str] = asyncio.get_running_loop().create_task(
+                render(), name=f"http-render-{key}"
+            )
+            task.add_done_callback(_retrieve)  # a failure nobody waited for is not an error
+            entry = self._cache[key] = (now, task)
+        # Shielded: a client that goes away does not cancel the rendering the others wait for.
+        return await asyncio.shield(entry[1])
+
+    @property
+    def _max_time_ms(self) -> int:
+        return max(1, int(self.config.query_timeout_s * 1000))
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.config.max_concurrent_requests:
+            await self._refuse(reader, writer)
+            return
+        self.active += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.active -= 1
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Too many requests at once: a prepared 503, no parsing and no database work."""
+        self.refused += 1
+        try:
+            writer.write(_BUSY)
+            await asyncio.wait_for(writer.drain(), _READ_TIMEOUT_S)
+            if writer.can_write_eof():
+                writer.write_eof()
+            # Read (and drop) the request until the client closes: closing a socket with unread
+            # data would reset the connection before the client has read the answer.
+            await asyncio.wait_for(reader.read(_MAX_REQUEST), 1.0)
+        except (ConnectionError, OSError, TimeoutError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        plain = "text/plain; charset=utf-8"
         try:
             status, ctype, body, head_only = await self._respond(reader)
+        except QueryTimeout as exc:
+            self._log.warning("http_query_timeout", error=str(exc))
+            status, ctype, body, head_only = 503, plain, f"{exc}\n".encode(), False
         except Exception:
             self._log.exception("http_error")
-            status, ctype, body, head_only = 500, "text/plain; charset=utf-8", b"internal error\n", False
+            status, ctype, body, head_only = 500, plain, b"internal error\n", False
         self.requests += 1
         head = (
             f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
@@ -228,13 +322,13 @@ class StatusServer:
         )
         try:
             writer.write(head.encode("latin-1") + (b"" if head_only else body))
-            await writer.drain()
-        except (ConnectionError, OSError):
+            await asyncio.wait_for(writer.drain(), _READ_TIMEOUT_S)
+        except (ConnectionError, OSError, TimeoutError):
             pass
         finally:
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:
         plain = "text/plain; charset=utf-8"
@@ -255,10 +349,10 @@ class StatusServer:
             lines += [f"{k}: {v}" for k, v in health.checks.items()]
             return (200 if health.ok else 503), plain, ("\n".join(lines) + "\n").encode(), head_only
         if target == "/metrics":
-            text = await self.metrics()
+            text = await self._cached("metrics", self.metrics)
             return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode(), head_only
         if target in ("/", "/index.html"):
-            return 200, _CONTENT_TYPES["html"], (await self.page()).encode(), head_only
+            return 200, _CONTENT_TYPES["html"], (await self._cached("page", self.page)).encode(), head_only
         if target.startswith("/reports/"):
             found = await asyncio.to_thread(self._report_file, target)
             if found is not None:
@@ -283,8 +377,13 @@ class StatusServer:
             "wcs.solve_time_s": 1,
             "qc.duration_s": 1,
         }
-        cursor = self.database.exposures.collection.find({}, projection).sort("date_obs", -1).limit(limit)
-        return [doc async for doc in cursor]
+        cursor = (
+            self.database.exposures.collection.find({}, projection)
+            .sort("date_obs", -1)
+            .limit(limit)
+            .max_time_ms(self._max_time_ms)
+        )
+        return await self._query(cursor.to_list())
 
     async def metrics(self) -> str:
         m = _Metrics()
@@ -296,7 +395,7 @@ class StatusServer:
             "counter",
             "Exposure documents by observation type and ingest status (from the database).",
         )
-        for row in await self.database.exposures.counts_by("observation_type", "ingest.status"):
+        for row in await self._query(self.database.exposures.counts_by("observation_type", "ingest.status")):
             m.sample(
                 "huntsman_files_ingested_total",
                 row["n"],
@@ -381,7 +480,7 @@ class StatusServer:
             ["<td>pool in flight</td>", f'<td class="num">{self.pool.in_flight if self.pool else 0}</td>']
         )
         parts.append("<h2>Queues</h2>" + _table(["queue", "depth"], rows, "queues"))
-        counts = await self.database.exposures.counts_by("observation_type", "ingest.status")
+        counts = await self._query(self.database.exposures.counts_by("observation_type", "ingest.status"))
         rows = [
             [
                 f"<td>{e(fmt(r.get('observation_type')))}</td>",
@@ -425,10 +524,13 @@ class StatusServer:
             ("qc.limiting_mag_5sigma", 2),
         )
         cursor = (
-            self.database.exposures.collection.find({}, {"_id": 0, "header": 0}).sort("date_obs", -1).limit(n)
+            self.database.exposures.collection.find({}, {"_id": 0, "header": 0})
+            .sort("date_obs", -1)
+            .limit(n)
+            .max_time_ms(self._max_time_ms)
         )
         rows = []
-        async for doc in cursor:
+        for doc in await self._query(cursor.to_list()):
             cells = [f"<td><code>{e(os.path.basename(str(doc.get('filename'))))}</code></td>"]
             for field, digits in columns:
                 value = get_path(doc, field)
@@ -477,9 +579,10 @@ class StatusServer:
             )
             .sort("date_modified", -1)
             .limit(n)
+            .max_time_ms(self._max_time_ms)
         )
         rows = []
-        async for doc in cursor:
+        for doc in await self._query(cursor.to_list()):
             for stage in ("ingest", "wcs", "qc"):
                 if get_path(doc, f"{stage}.status") in ("failed", "quarantined"):
                     rows.append(
@@ -492,6 +595,18 @@ class StatusServer:
         return "<h2>Recent errors</h2>" + (
             _table(["file", "stage", "error"], rows, "errors") if rows else "<p>None.</p>"
         )
+
+
+def _reusable(task: asyncio.Task[str], age_s: float, cache_s: float) -> bool:
+    """A rendering under way, or one that succeeded less than ``cache_s`` ago."""
+    if not task.done():
+        return True
+    return not task.cancelled() and task.exception() is None and age_s < cache_s
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _queue_depths(state: dict[str, Any]) -> dict[str, int]:

@@ -13,9 +13,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pymongo.errors import PyMongoError
+
 from huntsman.config import IngestConfig, WatcherConfig
 from huntsman.models import FileSource, IngestParams, IngestRequest, IngestResult, utcnow
 from huntsman.science.wcs_writer import read_wcs_marker
+from huntsman.services.disk import DATABASE, VAR, DiskMonitor
 from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.database import retry_writes
 from huntsman.store.exposures import ExposureCollection, FileState
@@ -67,6 +70,7 @@ class FileIngestor:
         self.listeners: list[Listener] = []
         self.counts = {"ok": 0, "failed": 0, "quarantined": 0, "skipped": 0}
         self.latencies: list[float] = []
+        self.disk: DiskMonitor | None = None  # set by the application: pauses on a full disk
 
     # -- intake -------------------------------------------------------------------------
     async def submit(self, request: IngestRequest) -> None:
@@ -169,6 +173,8 @@ class FileIngestor:
             if ident is not None and time.time() - ident[2] < self.settle_s:
                 self._defer(request)  # possibly still being written; its CLOSE_WRITE may follow
                 return None
+        if self.disk is not None:
+            await self.disk.wait_writable(VAR, DATABASE)
         start = time.perf_counter()
         try:
             result = await self.pool.run(ingest_file, path, self.params)
@@ -180,15 +186,8 @@ class FileIngestor:
             and ident is not None
             and (ident[0], ident[1]) == (state.file_size, state.file_mtime_ns)
         )
-        status = await retry_writes(
-            lambda: self.exposures.record_ingest(
-                result,
-                seen_at=request.seen_at,
-                previous=state,
-                max_tries=self.config.max_tries,
-                same_content=same_content,
-            ),
-            deadline_s=self.write_retry_s, log=log, what="ingest_result",
+        status = await self._record(
+            result, log, seen_at=request.seen_at, previous=state, same_content=same_content
         )
         self.counts[status] = self.counts.get(status, 0) + 1
         latency = (utcnow() - request.seen_at).total_seconds()
@@ -211,6 +210,30 @@ class FileIngestor:
         else:
             log.warning("ingest_failed", status=status, error=result.error, reason=reason)
         return status
+
+    async def _record(
+        self, result: IngestResult, log: Any, *, seen_at: Any, previous: FileState | None,
+        same_content: bool,
+    ) -> str:
+        """Write the document; a write the database refuses while the disk is full waits for
+        space and is retried (the file is not failed with the database's message)."""
+        while True:
+            try:
+                return await retry_writes(
+                    lambda: self.exposures.record_ingest(
+                        result, seen_at=seen_at, previous=previous, max_tries=self.config.max_tries,
+                        same_content=same_content,
+                    ),
+                    deadline_s=self.write_retry_s, log=log, what="ingest_result",
+                )
+            except PyMongoError as exc:
+                if self.disk is None:
+                    raise
+                await self.disk.check()
+                if not self.disk.low((VAR, DATABASE)):
+                    raise
+                log.warning("ingest_write_waiting", error=str(exc)[:300], reason=self.disk.reason())
+                await self.disk.wait_writable(VAR, DATABASE)
 
     def _defer(self, request: IngestRequest) -> None:
         async def later() -> None:

@@ -35,6 +35,7 @@ from huntsman.models import DetectorConstants, utcnow
 from huntsman.science.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
 from huntsman.science.refcat import CatalogueSpec
+from huntsman.services.disk import DiskMonitor
 from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument
 from huntsman.store.exposures import ExposureCollection, ExposureDocument
@@ -108,6 +109,7 @@ class QualityMonitor:
         self._again: set[str] = set()
         self._busy: set[str] = set()
         self.counts: Counter[str] = Counter()
+        self.disk: DiskMonitor | None = None  # set by the application: pauses on a full disk
 
     # -- intake -------------------------------------------------------------------------
     def offer(self, filename: str, *, force: bool = False) -> bool:
@@ -193,6 +195,8 @@ class QualityMonitor:
             filename, force = await self.queue.get()
             self._queued.discard(filename)
             try:
+                if self.disk is not None:
+                    await self.disk.wait_writable()  # writes the calibrated frame and the document
                 await self.process(filename, force=force)
             except asyncio.CancelledError:
                 raise

@@ -19,6 +19,7 @@ from huntsman.config import AstrometryConfig, DetectorConfig
 from huntsman.models import utcnow
 from huntsman.science.astrometry import SolveParams, available
 from huntsman.science.wcs_writer import cleanup_temp_files
+from huntsman.services.disk import DiskMonitor
 from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.exposures import ExposureCollection
 from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
@@ -65,6 +66,7 @@ class PlateSolver:
         self.usable, self.unusable_reason = False, "not checked"
         self.counts = {"solved": 0, "failed": 0, "skipped": 0}
         self.listeners: list[WcsListener] = []
+        self.disk: DiskMonitor | None = None  # set by the application: pauses on a full disk
 
     async def check_available(self) -> bool:
         if not self.config.enabled:
@@ -144,6 +146,8 @@ class PlateSolver:
             raise_if_cancelling()
             filename = await self.queue.get()
             try:
+                if self.disk is not None:
+                    await self.disk.wait_writable()  # writes the raw file and the document
                 await self.solve(filename)
             except asyncio.CancelledError:
                 raise
