@@ -205,6 +205,7 @@ async def test_outside_root_files_are_solved_but_never_written(
     data, _ = render_sky_frame(shape, true_wcs, MoffatPSF(2.0, 3.0), sky_adu=200.0, exptime_s=30.0,
                                seed=5, n_extra_stars=800)
     header = huntsman_header(observation_type="science", ra_deg=270.2, dec_deg=-29.8, exptime_s=30.0)
+    (tmp_path / "elsewhere").mkdir()
     outside = write_raw(tmp_path / "elsewhere" / "frame.fits", data, header)
     before = hashlib.sha256(outside.read_bytes()).hexdigest()
     proc = huntsman(["ingest", "--outside-root", str(outside)], cli_env(tmp_path, mongo_uri, db_name),
