@@ -184,17 +184,26 @@ def choose_config(args: argparse.Namespace, own: Config) -> ChosenConfig:
     return ChosenConfig(config, note)
 
 
-def database_error(exc: BaseException) -> BaseException | None:
-    """The database (or embedded-server / service-lock) error inside ``exc``, if any."""
+def database_error(exc: BaseException, *, any_store_error: bool = True) -> BaseException | None:
+    """The database error inside ``exc`` (an exception group included), if any.
+
+    PyMongo's errors and the embedded server's start-up error always count; with
+    ``any_store_error`` (the command-line tools) so does any error raised by the store layer
+    (e.g. the embedded server being started by a service right now).
+    """
     from pymongo.errors import PyMongoError
+
+    from huntsman.store.embedded import EmbeddedServerError
 
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = database_error(inner)
+            found = database_error(inner, any_store_error=any_store_error)
             if found is not None:
                 return found
         return None
-    if isinstance(exc, PyMongoError) or type(exc).__module__.startswith("huntsman.store"):
+    if isinstance(exc, PyMongoError | EmbeddedServerError):
+        return exc
+    if any_store_error and type(exc).__module__.startswith("huntsman.store"):
         return exc
     return None
 
@@ -202,6 +211,8 @@ def database_error(exc: BaseException) -> BaseException | None:
 def database_message(exc: BaseException, config: Config) -> str:
     """One line for the operator: what failed, where, and what to look at."""
     from pymongo.errors import ConnectionFailure
+
+    from huntsman.store.embedded import EmbeddedServerError
 
     text = " ".join(str(exc).split()) or type(exc).__name__
     for cut in (", Timeout:", " (configured timeouts:", ", Topology Description:"):
@@ -213,7 +224,8 @@ def database_message(exc: BaseException, config: Config) -> str:
         if config.database.uri == "embedded"
         else redact_uri(config.database.uri)
     )
-    what = "database unreachable" if isinstance(exc, ConnectionFailure) else "database error"
+    unreachable = isinstance(exc, ConnectionFailure | EmbeddedServerError)
+    what = "database unreachable" if unreachable else "database error"
     return f"huntsman: {what} ({where}): {text}"
 
 
@@ -246,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             return EXIT_OK
         except Exception as exc:
-            if (db_exc := database_error(exc)) is None:
+            if (db_exc := database_error(exc, any_store_error=False)) is None:
                 raise
             print(database_message(db_exc, config), file=sys.stderr)
             return EXIT_DATABASE

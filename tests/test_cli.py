@@ -121,6 +121,24 @@ def test_unreachable_database_is_one_line_and_exit_4(tmp_path: Path) -> None:
     assert not (tmp_path / "var" / SERVICE_CONFIG).exists()  # a run that never started
 
 
+def test_embedded_server_that_cannot_start_is_one_line_and_exit_4(tmp_path: Path) -> None:
+    procs = []
+    for args in (["run"], ["status"]):  # each on its own var directory
+        work = tmp_path / args[0]
+        work.mkdir()
+        env = cli_env(work, "embedded", HUNTSMAN_DATABASE__EMBEDDED__START_TIMEOUT_S="0.01",
+                      HUNTSMAN_DATABASE__EMBEDDED__PORT="0")
+        procs.append((args, subprocess.Popen(
+            [PYTHON, "-m", "huntsman", "--config", YAML, *args], env=env, cwd=work,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )))
+    for args, proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == EXIT_DATABASE, (args, err)
+        assert err.count("\n") == 1 and "database unreachable (embedded database in" in err, (args, err)
+        assert "did not answer within 0.01 s" in err and "Traceback" not in out + err
+
+
 # -- arguments --------------------------------------------------------------------------------
 
 BAD_ARGUMENTS = [
