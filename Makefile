@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+HASH := $(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# Two stamps: `make run` installs only what running needs; test and lint add their extras.
+RUN_STAMP := $(VENV)/.installed-run-$(HASH)
+STAMP := $(VENV)/.installed-dev-$(HASH)
 
 .PHONY: run test lint bench install system-deps clean
 
@@ -10,15 +13,20 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+$(RUN_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[embedded]'
+	rm -f $(VENV)/.installed-run-*
+	touch $(RUN_STAMP)
+
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[embedded,test,dev]'
-	rm -f $(VENV)/.installed-*
-	touch $(STAMP)
+	rm -f $(VENV)/.installed-dev-* $(VENV)/.installed-run-*
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
 ## run: the service on the shipped config (embedded database, everything under ./var)
-run: $(STAMP)
+run: $(RUN_STAMP)
 	mkdir -p var/raw
 	$(PY) -m huntsman run
 

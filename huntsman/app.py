@@ -16,16 +16,18 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from huntsman import __version__
-from huntsman.config import Config
+from huntsman.config import Config, redact_uri
 from huntsman.lock import SERVICE_LOCK, PidLock
 from huntsman.logs import get_logger
 from huntsman.models import DetectorConstants, FileSource, IngestParams
 from huntsman.science.offline import configure_offline_astropy
 from huntsman.science.paths import private_dir
+from huntsman.service_config import write_service_config
 from huntsman.services.calib import CalibService
 from huntsman.services.disk import DiskMonitor, watched_paths
 from huntsman.services.http import StatusServer
@@ -274,6 +276,28 @@ class Application:
             await asyncio.wait_for(self.database.services.stopped(), shutdown.database_timeout_s)
 
 
+async def announce_ready(app: Application, log: Any, timeout_s: float = 300.0) -> None:
+    """Once files are watched: where to copy them and how to see results (log, and terminal)."""
+    try:
+        await asyncio.wait_for(app.watcher.ready.wait(), timeout_s)
+    except TimeoutError:
+        log.warning("service_not_ready", waited_s=timeout_s)
+        return
+    config = app.config
+    commands = ["python -m huntsman status", "python -m huntsman export --no-header",
+                "python -m huntsman report"]
+    page = f"http://{config.http.host}:{config.http.port}/" if config.http.enabled else None
+    log.info("service_ready", raw_dir=str(config.paths.raw_dir), commands=commands, status_page=page)
+    if sys.stderr.isatty():
+        where = f", or open {page}" if page else ""
+        print(
+            f"huntsman is running: copy FITS files into {config.paths.raw_dir}; see the results "
+            f"with `{commands[0]}`{where} (Ctrl-C stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 async def run_service(
     config: Config,
     stop: asyncio.Event | None = None,
@@ -308,12 +332,25 @@ async def _run_locked(
     for sig in SHUTDOWN_SIGNALS:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, _on_signal, log, sig, stop)
-    log.info("service_starting", version=__version__, pid=os.getpid(), config=config.redacted())
+    log.info(
+        "service_starting",
+        version=__version__,
+        pid=os.getpid(),
+        raw_dir=str(config.paths.raw_dir),
+        database="embedded" if config.database.uri == "embedded" else "external",
+        database_uri=redact_uri(config.database.uri),
+        workers=config.pool.max_workers,
+        background_workers=config.pool.background_workers,
+    )
+    log.debug("service_config", config=config.redacted())
     await asyncio.to_thread(private_dir, config.paths.var_dir)  # owner-only (0700)
     await asyncio.to_thread(config.paths.raw_dir.mkdir, parents=True, exist_ok=True)
     close_timeout_s = config.shutdown.close_timeout_s
     async with open_database(config.database, log, close_timeout_s=close_timeout_s) as database:
         await database.ensure_indexes()
+        # Command-line tools act with this configuration by default (huntsman/service_config.py).
+        written = await asyncio.to_thread(write_service_config, config)
+        log.info("service_config_written", path=str(written))
         pool = make_pool(config, log)
         background = make_pool(config, log, background=True)
         await asyncio.gather(
@@ -323,9 +360,11 @@ async def _run_locked(
         app = Application(config, database, pool, log, background)
         if started is not None:
             started(app)
+        announce = asyncio.create_task(announce_ready(app, log), name="announce-ready")
         try:
             await app.run(stop)
         finally:
+            announce.cancel()
             await asyncio.gather(pool.shutdown(0), background.shutdown(0))
             log.info("shutdown_stage", stage="close")
     log.info("service_stopped", exit_code=app.exit_code)

@@ -4,28 +4,58 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
+import os
+import re
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from huntsman import __version__
-from huntsman.config import Config, ConfigError, load_config
+from huntsman.config import Config, ConfigError, load_config, redact_uri
 from huntsman.logs import configure_logging
 
-__all__ = ["main"]
+__all__ = ["EXIT_DATABASE", "main"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_CONFIG = 2
+EXIT_CONFIG = 2  # also bad arguments (argparse)
 EXIT_ALREADY_RUNNING = 3  # ``run``: another service holds this var directory
+EXIT_DATABASE = 4  # the database is unreachable or refused the command
+EXIT_INTERRUPTED = 130
+
+OBSERVATION_TYPES = ("bias", "dark", "flat", "science")
+INGEST_STATUSES = ("ok", "failed", "quarantined")
+# Commands that change data: a conflicting configuration is refused unless --force.
+GUARDED_COMMANDS = {"reprocess", "qc", "calib"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line: ``huntsman calib: error: ... (see --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def iso_date(text: str) -> str:
+    """argparse type: a calendar date written ``YYYY-MM-DD`` (returned as that text)."""
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError(text)
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD (e.g. 2021-01-07)") from None
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="huntsman", description="Data-reduction service of the Huntsman Telescope."
+    parser = _Parser(
+        prog="huntsman",
+        description="Data-reduction service of the Huntsman Telescope. Command-line tools use "
+        "the running service's configuration (<var_dir>/service-config.json) unless --config "
+        "or --override is given.",
     )
     parser.add_argument("--version", action="version", version=f"huntsman {__version__}")
     parser.add_argument("--config", type=Path, help="config file (default etc/huntsman.yaml)")
@@ -38,19 +68,35 @@ def _parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="ingest files or directories (back-fill)")
     ingest.add_argument("paths", nargs="+", type=Path)
     ingest.add_argument("--force", action="store_true", help="re-ingest files already ingested")
+    ingest.add_argument(
+        "--outside-root", action="store_true",
+        help="accept files outside paths.raw_dir (ingested in place, never written to)",
+    )
     sub.add_parser("status", help="counts, quarantined files and whether a service runs")
     sub.add_parser("check", help="exit 0 only if a running service's heartbeat is fresh")
     calib = sub.add_parser("calib", help="build missing or out-of-date master calibrations now")
-    calib.add_argument("--date", action="append", help="calibration date YYYY-MM-DD (repeatable)")
+    calib.add_argument(
+        "--date", action="append", type=iso_date, help="calibration date YYYY-MM-DD (repeatable)"
+    )
     calib.add_argument("--camera", action="append", help="CAM-ID (repeatable)")
     calib.add_argument("--type", dest="calib_type", action="append", choices=["bias", "dark", "flat"])
-    calib.add_argument("--force", action="store_true", help="rebuild even masters that are up to date")
+    calib.add_argument(
+        "--force", action="store_true",
+        help="rebuild even masters that are up to date (and accept a configuration that differs "
+        "from the running service's)",
+    )
     qc = sub.add_parser("qc", help="calibrate and measure science frames now (same code as the service)")
     qc.add_argument("--reprocess", action="store_true", help="measure again even frames that are done")
-    qc.add_argument("--night", action="append", help="calibration date YYYY-MM-DD (repeatable)")
+    qc.add_argument(
+        "--night", action="append", type=iso_date, help="calibration date YYYY-MM-DD (repeatable)"
+    )
     qc.add_argument("--camera", action="append", help="CAM-ID (repeatable)")
     qc.add_argument("--filter", dest="physical_filter", action="append", help="filter (repeatable)")
     qc.add_argument("--pattern", help="shell pattern matched against the raw filename")
+    qc.add_argument(
+        "--force", action="store_true",
+        help="run even with a configuration that differs from the running service's",
+    )
     index = sub.add_parser(
         "build-index", help="build an astrometry.net index from a local reference catalogue"
     )
@@ -60,14 +106,18 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--dec-col", default="dej2000")
     index.add_argument("--mag-col", default="g_psf")
     export = sub.add_parser("export", help="print exposure documents as JSON lines")
-    export.add_argument("--type", dest="observation_type", help="bias, dark, flat or science")
+    export.add_argument("--type", dest="observation_type", choices=OBSERVATION_TYPES)
     export.add_argument("--camera")
     export.add_argument("--filter", dest="physical_filter")
-    export.add_argument("--status", help="ingest status: ok, failed or quarantined")
-    export.add_argument("--night", help="calibration date YYYY-MM-DD (UTC day)")
-    export.add_argument("--query", help="a MongoDB filter as JSON, combined with the others")
+    export.add_argument("--status", choices=INGEST_STATUSES, help="ingest status")
+    export.add_argument("--night", type=iso_date, help="calibration date YYYY-MM-DD (UTC day)")
+    export.add_argument(
+        "--query",
+        help="a MongoDB filter as Extended JSON (e.g. {\"date_obs\": {\"$gt\": {\"$date\": "
+        "\"2021-01-07T00:00:00Z\"}}}), combined with the others",
+    )
     export.add_argument("--no-header", action="store_true", help="leave out the raw header")
-    export.add_argument("--limit", type=int, default=0)
+    export.add_argument("--limit", type=int, default=0, help="at most this many (0: all)")
     from huntsman import operations
 
     operations.add_parsers(sub)
@@ -76,6 +126,110 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, override=args.override)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChosenConfig:
+    """The configuration a command uses, and the line that says so (``None``: nothing to say)."""
+
+    config: Config
+    note: str | None = None
+    conflicts: tuple[str, ...] = ()
+
+
+def _own_source(args: argparse.Namespace) -> str:
+    from huntsman.config import default_config_path
+
+    base = args.config or os.environ.get("HUNTSMAN_CONFIG") or default_config_path()
+    text = str(base) if base else "the built-in defaults"
+    return f"{text} + {args.override}" if args.override else text
+
+
+def _listed(keys: Sequence[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def choose_config(args: argparse.Namespace, own: Config) -> ChosenConfig:
+    """The running service's configuration by default; the command's own when it gives one.
+
+    Explicit means ``--config``, ``--override`` or ``HUNTSMAN_CONFIG``.  Without one, and when
+    the var directory has a ``service-config.json``, the service's configuration is used and
+    any data setting in which this command's environment differs is named as ignored.
+    """
+    from huntsman.service_config import config_differences, read_service_config
+
+    service = read_service_config(own)
+    if service is None:
+        return ChosenConfig(own)
+    differences = tuple(config_differences(own, service.data))
+    explicit = args.config is not None or args.override is not None or bool(
+        os.environ.get("HUNTSMAN_CONFIG")
+    )
+    if explicit:
+        if not differences:
+            return ChosenConfig(own, f"huntsman: using {_own_source(args)} (same as the service's: "
+                                     f"{service.describe()})")
+        return ChosenConfig(
+            own,
+            f"huntsman: warning: using {_own_source(args)}, which differs from the service's "
+            f"configuration ({service.describe()}) in {_listed(differences)}",
+            differences,
+        )
+    config = service.to_config(own)
+    note = f"huntsman: using the service's configuration ({service.describe()})"
+    from huntsman.config import _env_overrides
+    from huntsman.service_config import flatten
+
+    from_env = set(flatten(_env_overrides(os.environ)))
+    ignored = [k for k in differences if k in from_env and not k.startswith("database.uri")]
+    if ignored:
+        note += f"; ignoring this environment's {_listed(ignored)} (give --config to use them)"
+    return ChosenConfig(config, note)
+
+
+def database_error(exc: BaseException, *, any_store_error: bool = True) -> BaseException | None:
+    """The database error inside ``exc`` (an exception group included), if any.
+
+    PyMongo's errors and the embedded server's start-up error always count; with
+    ``any_store_error`` (the command-line tools) so does any error raised by the store layer
+    (e.g. the embedded server being started by a service right now).
+    """
+    from pymongo.errors import PyMongoError
+
+    from huntsman.store.embedded import EmbeddedServerError
+
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = database_error(inner, any_store_error=any_store_error)
+            if found is not None:
+                return found
+        return None
+    if isinstance(exc, PyMongoError | EmbeddedServerError):
+        return exc
+    if any_store_error and type(exc).__module__.startswith("huntsman.store"):
+        return exc
+    return None
+
+
+def database_message(exc: BaseException, config: Config) -> str:
+    """One line for the operator: what failed, where, and what to look at."""
+    from pymongo.errors import ConnectionFailure
+
+    from huntsman.store.embedded import EmbeddedServerError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for cut in (", Timeout:", " (configured timeouts:", ", Topology Description:"):
+        text = text.split(cut)[0]
+    if len(text) > 200:
+        text = text[:197] + "..."
+    where = (
+        f"embedded database in {config.database.embedded.storage_dir}"
+        if config.database.uri == "embedded"
+        else redact_uri(config.database.uri)
+    )
+    unreachable = isinstance(exc, ConnectionFailure | EmbeddedServerError)
+    what = "database unreachable" if unreachable else "database error"
+    return f"huntsman: {what} ({where}): {text}"
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -100,6 +254,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if command == "run":
         return _run_command(config)
+    try:
+        chosen = choose_config(args, config)
+    except ConfigError as exc:
+        print(f"huntsman: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    config = chosen.config
+    if chosen.note is not None:
+        print(chosen.note, file=sys.stderr)
+    guarded = command in GUARDED_COMMANDS and not getattr(args, "dry_run", False)
+    if chosen.conflicts and guarded and not args.force:
+        print(
+            f"huntsman: refusing to {command} with a configuration that differs from the "
+            "service's in data settings; run without --config/--override to use the "
+            "service's, or add --force",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     # Command-line tools log warnings only, to stderr-friendly console output.
     configure_logging("WARNING", "console" if sys.stderr.isatty() else config.logging.format)
     from huntsman import commands, operations
@@ -115,7 +286,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": operations.report,
         "reprocess": operations.reprocess,
     }
-    return _run(handlers[command](config, args))
+    try:
+        return _run(handlers[command](config, args))
+    except KeyboardInterrupt:
+        print("huntsman: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if (db_exc := database_error(exc)) is None:
+            raise
+        print(database_message(db_exc, config), file=sys.stderr)
+        return EXIT_DATABASE
 
 
 def _run_command(config: Config) -> int:
@@ -133,16 +313,16 @@ def _run_command(config: Config) -> int:
         )
         return EXIT_ALREADY_RUNNING
     from huntsman.app import run_service
-    from huntsman.store.embedded import EmbeddedServerError
-
     configure_logging(config.logging.level, config.logging.format)
     try:
         return _run(run_service(config, lock=lock))
     except KeyboardInterrupt:
         return EXIT_OK
-    except EmbeddedServerError as exc:
-        print(f"huntsman: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    except Exception as exc:
+        if (db_exc := database_error(exc, any_store_error=False)) is None:
+            raise
+        print(database_message(db_exc, config), file=sys.stderr)
+        return EXIT_DATABASE
     finally:
         lock.release()
 

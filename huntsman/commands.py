@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from huntsman.app import ingest_params, make_calib_service, make_pool, make_quality_monitor
+from bson import json_util
+from bson.errors import BSONError
+
 from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import FileSource, IngestRequest, utcnow
 from huntsman.science.offline import configure_offline_astropy
-from huntsman.services.ingestor import FileIngestor
 from huntsman.services.watcher import is_candidate
 from huntsman.store.database import Database, open_database
+
+# The service's parts (huntsman.app, the ingestor) import the whole science stack: they are
+# imported by the commands that use them, so that `status`, `check` and `export` start fast.
 
 __all__ = ["calib", "check", "export", "ingest", "qc", "status"]
 
@@ -34,14 +39,43 @@ def _expand(paths: list[Path], extensions: tuple[str, ...]) -> list[str]:
     return [os.path.abspath(f) for f in files]
 
 
+def _check_ingest_paths(paths: list[Path], raw_dir: Path, outside_root: bool) -> list[str]:
+    """One line per path that cannot be ingested (missing, or outside the raw root)."""
+    root = raw_dir.resolve()
+    errors = []
+    for path in paths:
+        if not path.exists():
+            errors.append(f"huntsman: no such file or directory: {path}")
+        elif not outside_root and not path.resolve().is_relative_to(root):
+            errors.append(
+                f"huntsman: {path} is outside the raw directory {raw_dir}; add --outside-root to "
+                "ingest it where it is (such files are never written to)"
+            )
+    return errors
+
+
 async def ingest(config: Config, args: argparse.Namespace) -> int:
-    """Ingest files and directories through the service's own ingestor."""
+    """Ingest files and directories through the service's own ingestor.
+
+    Every path must exist and (unless ``--outside-root``) lie inside ``paths.raw_dir``;
+    otherwise nothing is ingested and no document is written.
+    """
+    from huntsman.app import ingest_params, make_pool
+    from huntsman.services.ingestor import FileIngestor
+
     log = get_logger(command="ingest")
     configure_offline_astropy()
-    files = _expand(args.paths, config.watcher.extensions)
-    missing = [str(p) for p in args.paths if not p.exists()]
-    for path in missing:
-        print(f"huntsman: no such file or directory: {path}", file=sys.stderr)
+    errors = await asyncio.to_thread(
+        _check_ingest_paths, args.paths, config.paths.raw_dir, args.outside_root
+    )
+    if errors:
+        for line in errors:
+            print(line, file=sys.stderr)
+        return 2
+    files = await asyncio.to_thread(_expand, args.paths, config.watcher.extensions)
+    if not files:
+        print("huntsman: no FITS files in the given paths", file=sys.stderr)
+        return 1
     async with open_database(config.database, log, reuse_running=True) as database:
         await database.ensure_indexes()
         pool = make_pool(config, log)
@@ -74,7 +108,7 @@ async def ingest(config: Config, args: argparse.Namespace) -> int:
         f"{len(files)} files: {counts['ok']} ok, {counts['failed']} failed, "
         f"{counts['quarantined']} quarantined, {counts['skipped']} already ingested"
     )
-    return 1 if missing or counts["failed"] or counts["quarantined"] else 0
+    return 1 if counts["failed"] or counts["quarantined"] else 0
 
 
 async def _status_text(database: Database, config: Config) -> str:
@@ -166,6 +200,8 @@ async def _calib_status_lines(database: Database, max_records: int = 200) -> lis
 
 async def calib(config: Config, args: argparse.Namespace) -> int:
     """Build master calibrations on demand, through the service's own CalibService."""
+    from huntsman.app import make_calib_service, make_pool
+
     log = get_logger(command="calib")
     configure_offline_astropy()
     async with open_database(config.database, log, reuse_running=True) as database:
@@ -182,6 +218,12 @@ async def calib(config: Config, args: argparse.Namespace) -> int:
             )
         finally:
             await pool.shutdown(1.0)
+        if (args.date or args.camera) and not (
+            summary.built or summary.failed or summary.missing or summary.up_to_date
+        ):
+            print(f"huntsman: no calibration frames match {_filters(args, 'date', 'camera')}",
+                  file=sys.stderr)
+            return 1
         for filename in summary.built:
             print(f"built {filename}")
         for key in summary.failed:
@@ -197,6 +239,8 @@ async def calib(config: Config, args: argparse.Namespace) -> int:
 async def qc(config: Config, args: argparse.Namespace) -> int:
     """Calibrate and measure science frames on demand, through the service's QualityMonitor."""
     import fnmatch
+
+    from huntsman.app import make_pool, make_quality_monitor
 
     log = get_logger(command="qc")
     configure_offline_astropy()
@@ -225,7 +269,11 @@ async def qc(config: Config, args: argparse.Namespace) -> int:
             await asyncio.gather(*(one(n) for n in sorted(names)))
         finally:
             await pool.shutdown(1.0)
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(results.items())) or "no frames"
+    if not names:
+        what = _filters(args, "night", "camera", "physical_filter", "pattern")
+        print(f"huntsman: no ingested science frames match {what or 'at all'}", file=sys.stderr)
+        return 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(results.items()))
     print(f"{len(names)} science frames: {summary}")
     return 1 if results.get("failed") else 0
 
@@ -240,12 +288,8 @@ async def status(config: Config, args: argparse.Namespace) -> int:
 async def check(config: Config, args: argparse.Namespace) -> int:
     """Health check for supervisors and monitoring: exit 0 only with a fresh heartbeat."""
     log = get_logger(command="check")
-    try:
-        async with open_database(config.database, log, reuse_running=True) as database:
-            heartbeat = await database.services.fresh(config.service.heartbeat_stale_s)
-    except Exception as exc:
-        print(f"unhealthy: database unreachable: {exc}", file=sys.stderr)
-        return 1
+    async with open_database(config.database, log, reuse_running=True) as database:
+        heartbeat = await database.services.fresh(config.service.heartbeat_stale_s)
     if heartbeat is None:
         print("unhealthy: no running service with a fresh heartbeat", file=sys.stderr)
         return 1
@@ -262,6 +306,20 @@ async def build_index(config: Config, args: argparse.Namespace) -> int:
         print(f"huntsman: no such catalogue: {args.refcat}", file=sys.stderr)
         return 2
     try:
+        columns = await asyncio.to_thread(_csv_columns, args.refcat)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"huntsman: cannot read catalogue {args.refcat}: {exc}", file=sys.stderr)
+        return 2
+    wanted = {"--ra-col": args.ra_col, "--dec-col": args.dec_col, "--mag-col": args.mag_col}
+    absent = [f"{option} {name}" for option, name in wanted.items() if name not in columns]
+    if absent:
+        print(
+            f"huntsman: catalogue {args.refcat} has no column {', '.join(absent)}; "
+            f"its columns: {', '.join(columns) or '(none)'}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
         files = await asyncio.to_thread(
             build, args.refcat, out, ra_col=args.ra_col, dec_col=args.dec_col, mag_col=args.mag_col
         )
@@ -274,8 +332,33 @@ async def build_index(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_columns(path: Path) -> list[str]:
+    """The header row of a CSV catalogue (blocking)."""
+    with open(path, newline="") as handle:
+        row = next(csv.reader(handle), [])
+    return [name.strip() for name in row]
+
+
+def _filters(args: argparse.Namespace, *names: str) -> str:
+    """``--night 2021-01-07 --camera X``: the selection options given, as typed."""
+    parts = []
+    for name in names:
+        value = getattr(args, name, None)
+        if value:
+            values = value if isinstance(value, list) else [value]
+            option = {"physical_filter": "filter", "observation_type": "type"}.get(name, name)
+            parts += [f"--{option} {v}" for v in values]
+    return " ".join(parts)
+
+
 def _export_query(args: argparse.Namespace) -> dict[str, Any]:
-    query: dict[str, Any] = json.loads(args.query) if args.query else {}
+    """The filter: ``--query`` (MongoDB Extended JSON, so ``{"$date": ...}`` works) and the rest."""
+    query: dict[str, Any] = {}
+    if args.query:
+        parsed = json_util.loads(args.query)
+        if not isinstance(parsed, dict):
+            raise ValueError("it must be a JSON object")
+        query = parsed
     for field, value in (
         ("observation_type", args.observation_type),
         ("camera", args.camera),
@@ -294,11 +377,18 @@ async def export(config: Config, args: argparse.Namespace) -> int:
     log = get_logger(command="export")
     try:
         query = _export_query(args)
-    except json.JSONDecodeError as exc:
-        print(f"huntsman: --query is not valid JSON: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, BSONError) as exc:
+        print(f"huntsman: --query is not a valid Extended JSON filter: {exc}", file=sys.stderr)
         return 2
     projection = {"_id": 0, **({"header": 0} if args.no_header else {})}
+    n = 0
     async with open_database(config.database, log, reuse_running=True) as database:
         async for doc in database.exposures.find(query, limit=args.limit, projection=projection):
             sys.stdout.write(json.dumps(doc, default=json_default) + "\n")
+            n += 1
+    if n == 0:
+        what = _filters(args, "observation_type", "camera", "physical_filter", "status", "night")
+        what = " ".join(p for p in (what, f"--query {args.query}" if args.query else "") if p)
+        print(f"huntsman: no exposure matches {what or '(the database is empty)'}", file=sys.stderr)
+        return 1
     return 0

@@ -322,16 +322,6 @@ class HttpConfig(_Section):
     query_timeout_s: float = Field(2.0, gt=0, description="deadline of each database query of a page")
     cache_s: float = Field(2.0, ge=0, description="the page and /metrics are rendered at most this often")
 
-
-class DiskConfig(_Section):
-    """Free-space watch of the directories the service writes (var, database, calib, calibrated)."""
-
-    interval_s: float = Field(5.0, gt=0, description="how often free space is measured")
-    min_free_mb: float = Field(256.0, ge=0, description="less free space than this is 'low'")
-    min_free_fraction: float = Field(
-        0.0, ge=0, lt=1, description="... or less than this fraction of the filesystem"
-    )
-
     @model_validator(mode="after")
     def _check_bind(self) -> HttpConfig:
         if not self.allow_remote and not self.is_loopback():
@@ -349,6 +339,16 @@ class DiskConfig(_Section):
             return ipaddress.ip_address(self.host.strip("[]")).is_loopback
         except ValueError:
             return False  # a name other than localhost, or "" (every interface)
+
+
+class DiskConfig(_Section):
+    """Free-space watch of the directories the service writes (var, database, calib, calibrated)."""
+
+    interval_s: float = Field(5.0, gt=0, description="how often free space is measured")
+    min_free_mb: float = Field(256.0, ge=0, description="less free space than this is 'low'")
+    min_free_fraction: float = Field(
+        0.0, ge=0, lt=1, description="... or less than this fraction of the filesystem"
+    )
 
 
 class ServiceConfig(_Section):

@@ -118,6 +118,7 @@ class ReprocessSummary:
     done: list[str] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     unavailable: str | None = None
+    refused: str | None = None  # would replace measured values with empty ones (no --force)
     outcomes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def count(self, outcome: str | None) -> None:
@@ -193,9 +194,22 @@ class Reprocessor:
         )
         return [doc async for doc in cursor if selection.matches(doc["filename"])]
 
-    async def run(self, stage: str, selection: Selection, *, dry_run: bool = False) -> ReprocessSummary:
+    async def run(
+        self, stage: str, selection: Selection, *, dry_run: bool = False, force: bool = False
+    ) -> ReprocessSummary:
+        """Re-run ``stage`` on the selection.
+
+        Unless ``force``, a run that would replace measured values with empty ones (see
+        :meth:`losses`) is refused: ``summary.refused`` says why and nothing is changed.
+        With ``force`` the old values are kept in each document's ``history`` as always.
+        """
         docs = await self.select(stage, selection)
         summary = ReprocessSummary(stage, dry_run, selected=[d["filename"] for d in docs])
+        if not force:
+            summary.refused = await self.losses(stage, docs)
+            if summary.refused is not None:
+                self.log.warning("reprocess_refused", stage=stage, reason=summary.refused)
+                return summary
         if stage == "calib":
             await self._calib(docs, summary, dry_run)
             return summary
@@ -248,6 +262,51 @@ class Reprocessor:
             bar.close()
         summary.done.sort()
         self.log.info("reprocess_done", stage=stage, done=len(summary.done), failed=len(summary.failed))
+
+    async def losses(self, stage: str, docs: list[dict[str, Any]]) -> str | None:
+        """Why re-running ``stage`` would replace measured values with empty ones, if it would.
+
+        - ``qc`` without a usable catalogue (``qc.refcat_path`` unset or missing) on frames
+          that have a zeropoint: every zeropoint would become null;
+        - ``solve`` when plate solving is unusable on frames that are solved: every solution
+          would become ``skipped``;
+        - ``ingest`` with ``ingest.metrics: false`` on frames that have metrics.
+        """
+
+        def count(predicate: Callable[[dict[str, Any]], bool]) -> int:
+            return sum(1 for d in docs if predicate(d))
+
+        if stage == "qc":
+            refcat = self.config.qc.refcat_path
+            usable = refcat is not None and await asyncio.to_thread(refcat.is_file)
+            n = count(lambda d: (d.get("qc") or {}).get("zeropoint") is not None)
+            if n and not usable:
+                why = "no catalogue is configured (qc.refcat_path)" if refcat is None else (
+                    f"the catalogue {refcat} does not exist")
+                return (f"{n} of {len(docs)} frames have a zeropoint and {why}: QC would replace "
+                        "them with none (use the service's configuration, or --force; the old "
+                        "values stay in history)")
+        elif stage == "solve":
+            n = count(lambda d: (d.get("wcs") or {}).get("status") == "solved")
+            if n:
+                from huntsman.services.solver import PlateSolver
+
+                solver = PlateSolver(
+                    self.database.exposures, self.pool, self.config.astrometry,  # type: ignore[arg-type]
+                    self.config.detector, raw_dir=self.config.paths.raw_dir,
+                    extra_index_dir=self.config.paths.astrometry_dir, log=self.log,
+                )
+                if not await solver.check_available():
+                    return (f"{n} of {len(docs)} frames are solved and plate solving is unusable "
+                            f"({solver.unusable_reason}): their solutions would become skipped "
+                            "(--force to do it anyway; the old values stay in history)")
+        elif stage == "ingest" and not self.config.ingest.metrics:
+            n = count(lambda d: bool(d.get("metrics")))
+            if n:
+                return (f"{n} of {len(docs)} frames have metrics and ingest.metrics is off: "
+                        "re-ingesting would drop them (--force to do it anyway; the old values "
+                        "stay in history)")
+        return None
 
     # -- stages ---------------------------------------------------------------------------
     def _ingest_handler(self) -> Callable[[dict[str, Any]], Awaitable[str | None]]:

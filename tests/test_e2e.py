@@ -145,7 +145,7 @@ def test_sample_visible_in_status_within_two_seconds(workdir: Path) -> None:
         assert events and all("event" in e and "level" in e for e in events)
         assert sum(1 for line in service.lines if line.strip()) == len(events)
         started = next(e for e in events if e["event"] == "service_starting")
-        assert started["config"]["database"]["uri"] == "embedded"
+        assert started["database"] == "embedded" and "config" not in started  # dump: debug only
     finally:
         service.signal(signal.SIGTERM)
         assert service.wait(15) == 0

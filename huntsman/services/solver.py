@@ -166,9 +166,11 @@ class PlateSolver:
         if wcs.get("status") == "solved":
             return None
         tries = int(wcs.get("tries") or 0) + 1
+        # Files ingested from outside the raw root (`ingest --outside-root`) are never written.
+        inside = await asyncio.to_thread(self._inside_raw_dir, filename)
         job = SolveJob(
             params=self.params,
-            write_wcs=self.config.write_wcs,
+            write_wcs=self.config.write_wcs and inside,
             hint_ra_deg=doc.get("ra"),
             hint_dec_deg=doc.get("dec"),
             date_obs=doc.get("date_obs"),
@@ -232,6 +234,9 @@ class PlateSolver:
         await self.exposures.set_fields(filename, update)
         await self._notify(filename, status)
         return status
+
+    def _inside_raw_dir(self, filename: str) -> bool:
+        return Path(filename).resolve().is_relative_to(self.raw_dir.resolve())
 
     async def _notify(self, filename: str, status: str) -> None:
         for listener in self.listeners:
