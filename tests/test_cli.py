@@ -152,6 +152,38 @@ def test_embedded_server_that_cannot_start_is_one_line_and_exit_4(tmp_path: Path
         assert "did not answer within 0.01 s" in err and "Traceback" not in out + err
 
 
+def test_database_errors_inside_exception_groups_are_one_line(tmp_path: Path) -> None:
+    from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
+
+    from huntsman.cli import database_error, database_message
+
+    config = make_config(tmp_path, "mongodb://u:pw@127.0.0.1:1/", "x")
+    timeout = ServerSelectionTimeoutError(
+        "127.0.0.1:1: [Errno 111] Connection refused (configured timeouts: socketTimeoutMS: "
+        "20000.0ms), Timeout: 0.5s, Topology Description: <TopologyDescription id: 1,\n ...>"
+    )
+    group = ExceptionGroup("tasks", [ValueError("other"), ExceptionGroup("inner", [timeout])])
+    assert database_error(group) is timeout
+    assert database_error(ValueError("not a database error")) is None
+    assert database_message(timeout, config) == (
+        "huntsman: database unreachable (mongodb://u:***@127.0.0.1:1/): "
+        "127.0.0.1:1: [Errno 111] Connection refused"
+    )
+    refused = OperationFailure("Authentication failed.")
+    assert database_message(refused, config).startswith("huntsman: database error (")
+
+
+def test_conflicts_are_only_data_settings(tmp_path: Path, mongo_uri: str) -> None:
+    from huntsman.service_config import config_differences
+
+    service = make_config(tmp_path, mongo_uri, "night", QC__REFCAT_PATH="/data/refcat.csv")
+    same_data = make_config(tmp_path, mongo_uri, "night", QC__REFCAT_PATH="/data/refcat.csv",
+                            LOGGING__LEVEL="DEBUG", HTTP__PORT="9999")
+    assert config_differences(same_data, service.redacted()) == []
+    other = make_config(tmp_path, mongo_uri, "other")
+    assert config_differences(other, service.redacted()) == ["database.name", "qc.refcat_path"]
+
+
 # -- arguments --------------------------------------------------------------------------------
 
 BAD_ARGUMENTS = [
