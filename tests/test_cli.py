@@ -343,6 +343,19 @@ async def test_reprocess_qc_refuses_to_wipe_zeropoints(
     async for doc in database.exposures.find(science):
         assert doc["qc"]["zeropoint"] == 24.61 and "history" not in doc  # nothing changed
 
+    # The night of the issue: the service runs with a catalogue given by its override; a bare
+    # command line now uses the service's configuration, so it is not refused.
+    refcat = tmp_path / "refcat.csv"
+    refcat.write_text("raj2000,dej2000,g_psf,r_psf\n")
+    service = make_config(tmp_path, mongo_uri, db_name, QC__REFCAT_PATH=str(refcat))
+    path = write_service_config(service)
+    proc = await ahuntsman(["reprocess", "qc", "--night", N1, "--dry-run"], cli_env(tmp_path, mongo_uri),
+                           tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("huntsman: using the service's configuration")
+    assert f"dry run: {n} exposures selected" in proc.stdout
+    path.unlink()
+
     proc = await ahuntsman(["reprocess", "qc", "--night", N1, "--force"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     async for doc in database.exposures.find(science):
