@@ -349,8 +349,11 @@ async def _run_locked(
     async with open_database(config.database, log, close_timeout_s=close_timeout_s) as database:
         await database.ensure_indexes()
         # Command-line tools act with this configuration by default (huntsman/service_config.py).
-        written = await asyncio.to_thread(write_service_config, config)
-        log.info("service_config_written", path=str(written))
+        try:
+            written = await asyncio.to_thread(write_service_config, config)
+            log.info("service_config_written", path=str(written))
+        except OSError as exc:  # e.g. a full var directory: the service still runs
+            log.warning("service_config_not_written", error=f"{type(exc).__name__}: {exc}")
         pool = make_pool(config, log)
         background = make_pool(config, log, background=True)
         await asyncio.gather(

@@ -130,7 +130,10 @@ class ServiceConfigFile:
         try:
             return Config.model_validate(data)
         except ValueError as exc:
-            raise ConfigError(f"cannot use {self.path}: {exc}".replace("\n", " ")) from None
+            raise ConfigError(
+                f"cannot use the service's configuration {self.path} (give --config to use "
+                f"another): {exc}".replace("\n", " ")
+            ) from None
 
 
 def read_service_config(config: Config) -> ServiceConfigFile | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -67,6 +68,18 @@ def huntsman(
         [PYTHON, "-m", "huntsman", *args], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+async def ahuntsman(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``huntsman`` from an async test: the test's event loop (and a service in it) keeps running."""
+    return await asyncio.to_thread(huntsman, args, env, cwd)
+
+
+async def run_all(
+    jobs: list[tuple[list[str], dict[str, str]]], cwd: Path
+) -> list[subprocess.CompletedProcess[str]]:
+    """Independent commands, concurrently."""
+    return list(await asyncio.gather(*(ahuntsman(args, env, cwd) for args, env in jobs)))
 
 
 async def ingest_in_process(config: Config, database: Database, files: list[Path]) -> None:
@@ -139,6 +152,38 @@ def test_embedded_server_that_cannot_start_is_one_line_and_exit_4(tmp_path: Path
         assert "did not answer within 0.01 s" in err and "Traceback" not in out + err
 
 
+def test_database_errors_inside_exception_groups_are_one_line(tmp_path: Path) -> None:
+    from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
+
+    from huntsman.cli import database_error, database_message
+
+    config = make_config(tmp_path, "mongodb://u:pw@127.0.0.1:1/", "x")
+    timeout = ServerSelectionTimeoutError(
+        "127.0.0.1:1: [Errno 111] Connection refused (configured timeouts: socketTimeoutMS: "
+        "20000.0ms), Timeout: 0.5s, Topology Description: <TopologyDescription id: 1,\n ...>"
+    )
+    group = ExceptionGroup("tasks", [ValueError("other"), ExceptionGroup("inner", [timeout])])
+    assert database_error(group) is timeout
+    assert database_error(ValueError("not a database error")) is None
+    assert database_message(timeout, config) == (
+        "huntsman: database unreachable (mongodb://u:***@127.0.0.1:1/): "
+        "127.0.0.1:1: [Errno 111] Connection refused"
+    )
+    refused = OperationFailure("Authentication failed.")
+    assert database_message(refused, config).startswith("huntsman: database error (")
+
+
+def test_conflicts_are_only_data_settings(tmp_path: Path, mongo_uri: str) -> None:
+    from huntsman.service_config import config_differences
+
+    service = make_config(tmp_path, mongo_uri, "night", QC__REFCAT_PATH="/data/refcat.csv")
+    same_data = make_config(tmp_path, mongo_uri, "night", QC__REFCAT_PATH="/data/refcat.csv",
+                            LOGGING__LEVEL="DEBUG", HTTP__PORT="9999")
+    assert config_differences(same_data, service.redacted()) == []
+    other = make_config(tmp_path, mongo_uri, "other")
+    assert config_differences(other, service.redacted()) == ["database.name", "qc.refcat_path"]
+
+
 # -- arguments --------------------------------------------------------------------------------
 
 BAD_ARGUMENTS = [
@@ -189,19 +234,19 @@ async def test_ingest_refuses_missing_and_outside_paths(
     outside = copy_sample("science_0", tmp_path / "elsewhere")
     before = hashlib.sha256(outside.read_bytes()).hexdigest()
 
-    proc = huntsman(["ingest", "/nonexistent.fits"], env, tmp_path)
+    proc = await ahuntsman(["ingest", "/nonexistent.fits"], env, tmp_path)
     assert proc.returncode == 2 and "no such file or directory: /nonexistent.fits" in proc.stderr
-    proc = huntsman(["ingest", str(inside), str(outside)], env, tmp_path)
+    proc = await ahuntsman(["ingest", str(inside), str(outside)], env, tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"{outside} is outside the raw directory" in proc.stderr and "--outside-root" in proc.stderr
     assert await database.exposures.count() == 0  # refused: not even the good one, no document
     # A symlink in the raw root pointing out is outside too.
     (raw / "link.fits").symlink_to(outside)
-    proc = huntsman(["ingest", str(raw / "link.fits")], env, tmp_path)
+    proc = await ahuntsman(["ingest", str(raw / "link.fits")], env, tmp_path)
     assert proc.returncode == 2 and "outside the raw directory" in proc.stderr
     (raw / "link.fits").unlink()
 
-    proc = huntsman(["ingest", "--outside-root", str(inside), str(outside)], env, tmp_path)
+    proc = await ahuntsman(["ingest", "--outside-root", str(inside), str(outside)], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "2 files: 2 ok" in proc.stdout
     assert await database.exposures.count({"ingest.status": "ok"}) == 2
@@ -226,7 +271,7 @@ async def test_outside_root_files_are_solved_but_never_written(
     (tmp_path / "elsewhere").mkdir()
     outside = write_raw(tmp_path / "elsewhere" / "frame.fits", data, header)
     before = hashlib.sha256(outside.read_bytes()).hexdigest()
-    proc = huntsman(["ingest", "--outside-root", str(outside)], cli_env(tmp_path, mongo_uri, db_name),
+    proc = await ahuntsman(["ingest", "--outside-root", str(outside)], cli_env(tmp_path, mongo_uri, db_name),
                     tmp_path)
     assert proc.returncode == 0, proc.stderr
     pool = make_pool(config, get_logger(test="cli"), background=True)
@@ -258,20 +303,22 @@ async def test_export_extended_json_and_empty_filters(
     expected = sum(1 for d in dates if d > cut)
     env = cli_env(tmp_path, mongo_uri, db_name)
     query = json.dumps({"date_obs": {"$gt": {"$date": cut.isoformat().replace("+00:00", "Z")}}})
-    proc = huntsman(["export", "--no-header", "--query", query], env, tmp_path)
+    proc = await ahuntsman(["export", "--no-header", "--query", query], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert 0 < len(proc.stdout.splitlines()) == expected
-    proc = huntsman(["export", "--camera", "NOPE"], env, tmp_path)
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.strip() == "huntsman: no exposure matches --camera NOPE"
-    proc = huntsman(["export", "--query", "[1, 2]"], env, tmp_path)
-    assert proc.returncode == 2 and "--query is not a valid Extended JSON filter" in proc.stderr
-    proc = huntsman(["qc", "--night", "2000-01-01"], env, tmp_path)
-    assert proc.returncode == 1 and "no ingested science frames match --night 2000-01-01" in proc.stderr
-    proc = huntsman(["reprocess", "ingest", "--camera", "NOPE"], env, tmp_path)
-    assert proc.returncode == 1 and "no exposure matches --camera NOPE for ingest" in proc.stderr
-    proc = huntsman(["calib", "--date", "2000-01-01"], env, tmp_path)
-    assert proc.returncode == 1 and "no calibration frames match --date 2000-01-01" in proc.stderr
+    camera, bad_query, qc, reprocess, calib = await run_all([
+        (["export", "--camera", "NOPE"], env),
+        (["export", "--query", "[1, 2]"], env),
+        (["qc", "--night", "2000-01-01"], env),
+        (["reprocess", "ingest", "--camera", "NOPE"], env),
+        (["calib", "--date", "2000-01-01"], env),
+    ], tmp_path)
+    assert camera.returncode == 1 and camera.stdout == ""
+    assert camera.stderr.strip() == "huntsman: no exposure matches --camera NOPE"
+    assert bad_query.returncode == 2 and "--query is not a valid Extended JSON filter" in bad_query.stderr
+    assert qc.returncode == 1 and "no ingested science frames match --night 2000-01-01" in qc.stderr
+    assert reprocess.returncode == 1 and "no exposure matches --camera NOPE for ingest" in reprocess.stderr
+    assert calib.returncode == 1 and "no calibration frames match --date 2000-01-01" in calib.stderr
 
 
 # -- reprocess must not replace measured values with empty ones ---------------------------------
@@ -289,14 +336,27 @@ async def test_reprocess_qc_refuses_to_wipe_zeropoints(
     n = await database.exposures.count(science)
     assert n == 4
     env = cli_env(tmp_path, mongo_uri, db_name)
-    proc = huntsman(["reprocess", "qc", "--night", N1], env, tmp_path)
+    proc = await ahuntsman(["reprocess", "qc", "--night", N1], env, tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1 and "refusing to reprocess qc" in proc.stderr
     assert f"{n} of {n} frames have a zeropoint" in proc.stderr and "qc.refcat_path" in proc.stderr
     async for doc in database.exposures.find(science):
         assert doc["qc"]["zeropoint"] == 24.61 and "history" not in doc  # nothing changed
 
-    proc = huntsman(["reprocess", "qc", "--night", N1, "--force"], env, tmp_path)
+    # The night of the issue: the service runs with a catalogue given by its override; a bare
+    # command line now uses the service's configuration, so it is not refused.
+    refcat = tmp_path / "refcat.csv"
+    refcat.write_text("raj2000,dej2000,g_psf,r_psf\n")
+    service = make_config(tmp_path, mongo_uri, db_name, QC__REFCAT_PATH=str(refcat))
+    path = write_service_config(service)
+    proc = await ahuntsman(["reprocess", "qc", "--night", N1, "--dry-run"], cli_env(tmp_path, mongo_uri),
+                           tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("huntsman: using the service's configuration")
+    assert f"dry run: {n} exposures selected" in proc.stdout
+    path.unlink()
+
+    proc = await ahuntsman(["reprocess", "qc", "--night", N1, "--force"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     async for doc in database.exposures.find(science):
         assert doc["qc"].get("zeropoint") is None  # replaced (no masters: waiting_calibs)
@@ -322,13 +382,13 @@ async def test_service_writes_its_config_and_tools_use_it(
 
         # No --config, no database name: the service's is used, and the tool says so.
         bare = cli_env(tmp_path, mongo_uri)
-        proc = huntsman(["status"], bare, tmp_path)
+        proc = await ahuntsman(["status"], bare, tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr.splitlines() == [
             f"huntsman: using the service's configuration (pid {os.getpid()}, running, {path})"
         ]
         assert "service: running" in proc.stdout
-        proc = huntsman(["status"], {**bare, "HUNTSMAN_QC__PSF_MAX_STARS": "20"}, tmp_path)
+        proc = await ahuntsman(["status"], {**bare, "HUNTSMAN_QC__PSF_MAX_STARS": "20"}, tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr.splitlines()[0].endswith(
             "; ignoring this environment's qc.psf_max_stars (give --config to use them)"
@@ -337,20 +397,21 @@ async def test_service_writes_its_config_and_tools_use_it(
         # An explicit configuration that differs in data settings: warned, and refused for
         # commands that change data unless --force.
         own = cli_env(tmp_path, mongo_uri, db_name)
-        proc = huntsman(["--config", YAML, "export", "--no-header"], own, tmp_path)
+        proc = await ahuntsman(["--config", YAML, "export", "--no-header"], own, tmp_path)
         assert proc.returncode == 1  # nothing ingested yet
         assert "warning: using" in proc.stderr and "calib.min_frames_bias" in proc.stderr
-        for args in (["calib"], ["qc"], ["reprocess", "ingest"]):
-            proc = huntsman(["--config", YAML, *args], own, tmp_path)
+        guarded = (["calib"], ["qc"], ["reprocess", "ingest"])
+        procs = await run_all([(["--config", YAML, *args], own) for args in guarded], tmp_path)
+        for args, proc in zip(guarded, procs, strict=True):
             assert proc.returncode == 2, (args, proc.stderr)
             lines = proc.stderr.splitlines()
             assert len(lines) == 2 and "calib.min_frames_bias" in lines[0], lines
             assert lines[1].startswith(f"huntsman: refusing to {args[0]} with a configuration")
         same = cli_env(tmp_path, mongo_uri, db_name, HUNTSMAN_CALIB__MIN_FRAMES_BIAS="3",
                        HUNTSMAN_HTTP__ENABLED="false")
-        proc = huntsman(["--config", YAML, "qc"], same, tmp_path)
+        proc = await ahuntsman(["--config", YAML, "qc"], same, tmp_path)
         assert "same as the service's" in proc.stderr and "refusing" not in proc.stderr
-        proc = huntsman(["--config", YAML, "qc", "--force"], own, tmp_path)
+        proc = await ahuntsman(["--config", YAML, "qc", "--force"], own, tmp_path)
         assert "refusing" not in proc.stderr and "no ingested science frames" in proc.stderr
     finally:
         assert await handle.shutdown() == 0
