@@ -132,7 +132,10 @@ def _run_command(config: Config) -> int:
             file=sys.stderr,
         )
         return EXIT_ALREADY_RUNNING
+    from pymongo.errors import PyMongoError
+
     from huntsman.app import run_service
+    from huntsman.store.database import short_error
     from huntsman.store.embedded import EmbeddedServerError
 
     configure_logging(config.logging.level, config.logging.format)
@@ -142,6 +145,9 @@ def _run_command(config: Config) -> int:
         return EXIT_OK
     except EmbeddedServerError as exc:
         print(f"huntsman: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except PyMongoError as exc:  # unreachable at start-up: one line, supervisord retries
+        print(f"huntsman: database unreachable: {short_error(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         lock.release()
