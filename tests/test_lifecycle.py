@@ -203,6 +203,7 @@ def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
         assert holder(path) == os.getpid()
 
 
+@pytest.mark.e2e
 def test_second_run_refused_while_first_keeps_ingesting(workdir: Path) -> None:
     first = ServiceProcess(workdir).start()
     try:
@@ -279,6 +280,7 @@ async def _ping_via_cli(config: Any, log: Any) -> str:
         return f"mongodb://{address[0]}:{address[1]}/"
 
 
+@pytest.mark.e2e
 def test_status_and_check_during_startup_never_start_a_second_database(workdir: Path) -> None:
     service = ServiceProcess(workdir)
     max_servers = 0
@@ -324,6 +326,7 @@ def test_status_and_check_during_startup_never_start_a_second_database(workdir: 
         assert service.stop() == 0
 
 
+@pytest.mark.e2e
 def test_leftover_server_of_a_sigkilled_service_is_stopped_by_the_next_start(workdir: Path) -> None:
     first = ServiceProcess(workdir).start()
     assert first.proc is not None
@@ -346,6 +349,7 @@ def test_leftover_server_of_a_sigkilled_service_is_stopped_by_the_next_start(wor
 # -- supervised database ----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_embedded_database_killed_mid_burst_every_file_ends_ok(workdir: Path) -> None:
     n = 100
     service = ServiceProcess(workdir, HUNTSMAN_DATABASE__EMBEDDED__RESTART_BACKOFF_S="0.2").start()
@@ -387,6 +391,7 @@ def test_embedded_database_killed_mid_burst_every_file_ends_ok(workdir: Path) ->
         assert service.stop() == 0
 
 
+@pytest.mark.e2e
 def test_database_that_cannot_come_back_exits_non_zero(workdir: Path) -> None:
     service = ServiceProcess(
         workdir,
@@ -472,6 +477,7 @@ async def _async(value: bool) -> bool:
 # -- signals and deadlines --------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL], ids=["hung", "dead"])
 def test_sigterm_with_database_hung_or_dead_exits_zero_within_budget(
     workdir: Path, fault: signal.Signals
@@ -505,6 +511,7 @@ def test_sigterm_with_database_hung_or_dead_exits_zero_within_budget(
     print(f"SIGTERM with the database {fault.name}: exit 0 after {elapsed:.2f} s (budget {budget:g} s)")
 
 
+@pytest.mark.e2e
 def test_sighup_shuts_down_cleanly_and_leaves_nothing_running(workdir: Path) -> None:
     service = ServiceProcess(workdir).start()
     assert service.proc is not None
