@@ -37,7 +37,13 @@ from huntsman.services.reporter import ReportScheduler
 from huntsman.services.solver import PlateSolver
 from huntsman.services.tasks import cancel_and_wait, raise_if_cancelling
 from huntsman.services.watcher import DirectoryWatcher
-from huntsman.store.database import Database, DatabaseMonitor, database_away, open_database
+from huntsman.store.database import (
+    Database,
+    DatabaseMonitor,
+    database_away,
+    open_database,
+    short_error,
+)
 from huntsman.workers.pool import ComputePool, process_pool_factory
 
 __all__ = ["EXIT_DATABASE_LOST", "Application", "run_service"]
@@ -200,8 +206,7 @@ class Application:
             try:
                 await asyncio.wait_for(self.database.services.beat(self.state()), deadline_s)
             except Exception as exc:  # the database may be briefly away; keep beating
-                self.log.warning("heartbeat_failed", error=str(exc).splitlines()[0][:200]
-                                 if str(exc) else type(exc).__name__)
+                self.log.warning("heartbeat_failed", error=short_error(exc))
             await asyncio.sleep(self.config.service.heartbeat_interval_s)
 
     async def _outlasting_outages(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:

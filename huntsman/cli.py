@@ -313,6 +313,7 @@ def _run_command(config: Config) -> int:
         )
         return EXIT_ALREADY_RUNNING
     from huntsman.app import run_service
+
     configure_logging(config.logging.level, config.logging.format)
     try:
         return _run(run_service(config, lock=lock))

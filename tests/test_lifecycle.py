@@ -203,6 +203,7 @@ def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
         assert holder(path) == os.getpid()
 
 
+@pytest.mark.e2e
 def test_second_run_refused_while_first_keeps_ingesting(workdir: Path) -> None:
     first = ServiceProcess(workdir).start()
     try:
@@ -279,6 +280,7 @@ async def _ping_via_cli(config: Any, log: Any) -> str:
         return f"mongodb://{address[0]}:{address[1]}/"
 
 
+@pytest.mark.e2e
 def test_status_and_check_during_startup_never_start_a_second_database(workdir: Path) -> None:
     service = ServiceProcess(workdir)
     max_servers = 0
@@ -324,6 +326,7 @@ def test_status_and_check_during_startup_never_start_a_second_database(workdir: 
         assert service.stop() == 0
 
 
+@pytest.mark.e2e
 def test_leftover_server_of_a_sigkilled_service_is_stopped_by_the_next_start(workdir: Path) -> None:
     first = ServiceProcess(workdir).start()
     assert first.proc is not None
@@ -346,6 +349,7 @@ def test_leftover_server_of_a_sigkilled_service_is_stopped_by_the_next_start(wor
 # -- supervised database ----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_embedded_database_killed_mid_burst_every_file_ends_ok(workdir: Path) -> None:
     n = 100
     service = ServiceProcess(workdir, HUNTSMAN_DATABASE__EMBEDDED__RESTART_BACKOFF_S="0.2").start()
@@ -387,6 +391,7 @@ def test_embedded_database_killed_mid_burst_every_file_ends_ok(workdir: Path) ->
         assert service.stop() == 0
 
 
+@pytest.mark.e2e
 def test_database_that_cannot_come_back_exits_non_zero(workdir: Path) -> None:
     service = ServiceProcess(
         workdir,
@@ -472,7 +477,11 @@ async def _async(value: bool) -> bool:
 # -- signals and deadlines --------------------------------------------------------------------
 
 
-def test_sigterm_with_database_sigstopped_exits_zero_within_budget(workdir: Path) -> None:
+@pytest.mark.e2e
+@pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL], ids=["hung", "dead"])
+def test_sigterm_with_database_hung_or_dead_exits_zero_within_budget(
+    workdir: Path, fault: signal.Signals
+) -> None:
     service = ServiceProcess(workdir).start()
     assert service.proc is not None
     config = load_config(CONFIG, environ={}, root=workdir)
@@ -480,7 +489,7 @@ def test_sigterm_with_database_sigstopped_exits_zero_within_budget(workdir: Path
     server = service.server_pid()
     copy_burst(service.raw, 10)
     service.wait_for_event("exposure_ingested", 30)
-    os.kill(server, signal.SIGSTOP)
+    os.kill(server, fault)
     try:
         started = time.monotonic()
         service.proc.send_signal(signal.SIGTERM)
@@ -491,12 +500,18 @@ def test_sigterm_with_database_sigstopped_exits_zero_within_budget(workdir: Path
         wait_until(lambda: not psutil.pid_exists(server) or psutil.Process(server).status() == "zombie",
                    2, "the stopped server was killed")
         assert service.events("service_stopped")
+        assert servers_on(service.storage) == []  # a server restarted meanwhile is stopped too
+        stages = [(e["event"], e.get("stage"), e["timestamp"][11:23]) for e in service.events()
+                  if e["event"] in ("signal_received", "shutdown_started", "shutdown_stage",
+                                    "embedded_server_stopped", "service_stopped")]
+        print(stages)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server, signal.SIGCONT)
-    print(f"SIGTERM with the database SIGSTOPped: exit 0 after {elapsed:.2f} s (budget {budget:g} s)")
+    print(f"SIGTERM with the database {fault.name}: exit 0 after {elapsed:.2f} s (budget {budget:g} s)")
 
 
+@pytest.mark.e2e
 def test_sighup_shuts_down_cleanly_and_leaves_nothing_running(workdir: Path) -> None:
     service = ServiceProcess(workdir).start()
     assert service.proc is not None

@@ -27,7 +27,7 @@ from huntsman.store.exposures import ExposureCollection
 
 __all__ = [
     "Database", "DatabaseMonitor", "ServiceRegistry", "connect", "database_away", "open_database",
-    "retry_writes",
+    "retry_writes", "short_error",
 ]
 
 T = TypeVar("T")
@@ -95,6 +95,12 @@ class Database:
             await asyncio.wait_for(self.client.close(), timeout_s)
 
 
+def short_error(exc: BaseException) -> str:
+    """A driver error in one short line (without the topology description it appends)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.split(" (configured timeouts")[0].split(", Timeout:")[0][:300]
+
+
 def database_away(exc: BaseException) -> bool:
     """Whether ``exc`` (or every leaf of an exception group) means the database is away."""
     if isinstance(exc, BaseExceptionGroup):
@@ -120,7 +126,7 @@ async def retry_writes(
         except UNREACHABLE as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("database_write_retry", what=what, error=str(exc).splitlines()[0][:200],
+            log.warning("database_write_retry", what=what, error=short_error(exc),
                         retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

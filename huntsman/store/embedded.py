@@ -311,6 +311,7 @@ class EmbeddedServer:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)  # a stopped server acts on the SIGTERM only now
         try:
             await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
         except TimeoutError:
