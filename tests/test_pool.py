@@ -4,8 +4,10 @@ job raises (unpicklable, ``MemoryError``, ``SystemExit``) back as :class:`JobFai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from huntsman.workers.pool import (
     PoolBroken,
     process_pool_factory,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_env
 
 
 def slow(seconds: float) -> int:
@@ -151,3 +153,61 @@ def test_master_budget_must_fit_under_the_worker_cap(tmp_path: Path) -> None:
         load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path)
     env["HUNTSMAN_POOL__WORKER_MEMORY_MB"] = "0"  # no cap
     assert load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path).pool.worker_memory_mb == 0
+
+
+OWNER = """
+import asyncio, sys, time
+from huntsman.logs import get_logger
+from huntsman.workers.pool import ComputePool, process_pool_factory
+
+async def main() -> None:
+    pool = ComputePool(process_pool_factory(2, sys.argv[1]), max_in_flight=2, job_timeout_s=600,
+                       log=get_logger())
+    jobs = [asyncio.ensure_future(pool.run(time.sleep, 600)) for _ in range(2)]
+    while pool.in_flight < 2:
+        await asyncio.sleep(0.05)
+    print("busy", flush=True)
+    await asyncio.gather(*jobs)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("context", ["forkserver", "spawn"])
+def test_busy_workers_die_with_their_owner(context: str, tmp_path: Path) -> None:
+    """SIGKILL the pool's owner while both workers are in a job: nothing of the pool remains."""
+    import psutil
+
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    owner = subprocess.Popen(
+        [sys.executable, str(script), context], stdout=subprocess.PIPE, text=True,
+        env=python_env(),
+    )
+    children: list[psutil.Process] = []
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "busy"
+        children = psutil.Process(owner.pid).children(recursive=True)
+        assert len(children) >= 3  # two workers, the resource tracker (and the fork server)
+        owner.kill()
+        owner.wait(10)
+        _, alive = psutil.wait_procs(children, timeout=5)
+        alive = [p for p in alive if _running(p)]
+        assert not alive, [" ".join(p.cmdline())[:100] for p in alive]
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        for p in children:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def _running(proc: object) -> bool:
+    import psutil
+
+    assert isinstance(proc, psutil.Process)
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
