@@ -64,6 +64,11 @@ def server_command() -> list[str]:
     return [found]
 
 
+# Runs the server with umask 077 so its database files are owner-only (0600, directories
+# 0700); an exec shim because uvloop's subprocess_exec has no ``umask`` argument.
+_OWNER_ONLY = (sys.executable, "-c", "import os, sys; os.umask(0o077); os.execv(sys.argv[1], sys.argv[1:])")
+
+
 def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
@@ -239,6 +244,7 @@ class EmbeddedServer:
         cmd += ["--storage-path", storage, "--log-level", "WARNING"]
         if self.test_commands:
             cmd.append("--enable-test-commands")
+        cmd = [*_OWNER_ONLY, *cmd]
         log_file = await asyncio.to_thread(open, self.storage_dir / "server.log", "ab", opener=_private)
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -247,7 +253,6 @@ class EmbeddedServer:
                 stderr=log_file,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
-                umask=0o077,  # database files owner-only (0600, directories 0700)
             )
         finally:
             log_file.close()
