@@ -24,7 +24,13 @@ __all__ = ["DiskMonitor", "DiskSpace", "is_disk_full", "watched_paths"]
 _MB = 1024 * 1024
 
 # Names of the watched directories, as used in reasons and in ``wait_writable(...)``.
-VAR, DATABASE, CALIB, CALIBRATED = "var_dir", "database", "calib_dir", "calibrated_dir"
+VAR, DATABASE, CALIB, CALIBRATED, RAW = "var_dir", "database", "calib_dir", "calibrated_dir", "raw_dir"
+# What each writer needs: every stage writes documents; the solver writes the WCS into the raw
+# file, master builds write under calib_dir, QC the calibrated frame.
+DOCUMENTS = (VAR, DATABASE)
+SOLVER = (*DOCUMENTS, RAW)
+MASTERS = (*DOCUMENTS, CALIB)
+QC = (*DOCUMENTS, CALIBRATED)
 
 
 def watched_paths(config: Config) -> dict[str, Path]:
@@ -34,6 +40,7 @@ def watched_paths(config: Config) -> dict[str, Path]:
         paths[DATABASE] = config.database.embedded.storage_dir
     paths[CALIB] = config.paths.calib_dir
     paths[CALIBRATED] = config.paths.calibrated_dir
+    paths[RAW] = config.paths.raw_dir
     return paths
 
 
