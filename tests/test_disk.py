@@ -142,6 +142,7 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
         database__embedded__port=0,
         http__enabled="true",
         http__port=0,
+        http__cache_s=0,
         disk__interval_s=0.2,
         disk__min_free_mb=24,
         astrometry__enabled="false",
@@ -180,6 +181,9 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
             status, body = await get(port, "/healthz")
             disk_line = next(line for line in body.splitlines() if line.startswith("disk:"))
             assert "var_dir" in disk_line and "MB free" in disk_line, body
+            status, text = await get(port, "/metrics")
+            assert status == 200 and 'huntsman_disk_low{directory="var_dir"} 1' in text
+            print(f"while full, /healthz said: {disk_line}")
 
             during = [copy_sample(n, handle.raw / "during", f"{n}_{i}.fits") for i in range(3) for n in names]
             # The files are seen and wait: none gets a failed document while the disk is full.
@@ -192,6 +196,8 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
             await wait_for(lambda: ingested(before + during), 90, 0.2)
             status, body = await get(port, "/healthz")
             assert status == 200 and "disk: ok" in body, body
+            status, text = await get(port, "/metrics")
+            assert status == 200 and 'huntsman_disk_low{directory="var_dir"} 0' in text
             docs = await app.database.exposures.count({})
             assert docs == len(before) + len(during)
         finally:
