@@ -111,6 +111,15 @@ async def test_monitor_logs_each_episode_once_and_gates_writers(small_fs: Path) 
         checks = monitor.checks
         await wait_for(lambda: _true(monitor.checks >= checks + 3), 10)  # still low: stays paused
         assert not waiter.done()
+
+        # Just above the threshold (4.2 MB free of a 4 MB threshold) is not yet a recovery.
+        st = os.statvfs(small_fs)
+        free = st.f_bavail * st.f_frsize
+        os.truncate(ballast, ballast.stat().st_size - (int(4.2 * MB) - free))
+        checks = monitor.checks
+        await wait_for(lambda: _true(monitor.checks >= checks + 3), 10)
+        assert 4.0 < monitor.spaces["var_dir"].free_mb < 4.4, monitor.spaces
+        assert monitor.low() == ["var_dir"] and not waiter.done()
         t0 = time.monotonic()
         await asyncio.to_thread(ballast.unlink)
         await asyncio.wait_for(waiter, 5)
@@ -187,7 +196,7 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
 
             during = [copy_sample(n, handle.raw / "during", f"{n}_{i}.fits") for i in range(3) for n in names]
             # The files are seen and wait: none gets a failed document while the disk is full.
-            await wait_for(lambda: _true(app.ingestor.queue.qsize() + len(app.ingestor._in_flight) > 0), 10)
+            await wait_for(lambda: _true(not app.ingestor.idle()), 10)
             checks = app.disk.checks
             await wait_for(lambda: _true(app.disk.checks >= checks + 5), 10)
             assert await app.database.exposures.count({"ingest.status": {"$ne": "ok"}}) == 0
