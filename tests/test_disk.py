@@ -111,6 +111,15 @@ async def test_monitor_logs_each_episode_once_and_gates_writers(small_fs: Path) 
         checks = monitor.checks
         await wait_for(lambda: _true(monitor.checks >= checks + 3), 10)  # still low: stays paused
         assert not waiter.done()
+
+        # Just above the threshold (4.2 MB free of a 4 MB threshold) is not yet a recovery.
+        st = os.statvfs(small_fs)
+        free = st.f_bavail * st.f_frsize
+        os.truncate(ballast, ballast.stat().st_size - (int(4.2 * MB) - free))
+        checks = monitor.checks
+        await wait_for(lambda: _true(monitor.checks >= checks + 3), 10)
+        assert 4.0 < monitor.spaces["var_dir"].free_mb < 4.4, monitor.spaces
+        assert monitor.low() == ["var_dir"] and not waiter.done()
         t0 = time.monotonic()
         await asyncio.to_thread(ballast.unlink)
         await asyncio.wait_for(waiter, 5)
@@ -142,6 +151,7 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
         database__embedded__port=0,
         http__enabled="true",
         http__port=0,
+        http__cache_s=0,
         disk__interval_s=0.2,
         disk__min_free_mb=24,
         astrometry__enabled="false",
@@ -180,10 +190,13 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
             status, body = await get(port, "/healthz")
             disk_line = next(line for line in body.splitlines() if line.startswith("disk:"))
             assert "var_dir" in disk_line and "MB free" in disk_line, body
+            status, text = await get(port, "/metrics")
+            assert status == 200 and 'huntsman_disk_low{directory="var_dir"} 1' in text
+            print(f"while full, /healthz said: {disk_line}")
 
             during = [copy_sample(n, handle.raw / "during", f"{n}_{i}.fits") for i in range(3) for n in names]
             # The files are seen and wait: none gets a failed document while the disk is full.
-            await wait_for(lambda: _true(app.ingestor.queue.qsize() + len(app.ingestor._in_flight) > 0), 10)
+            await wait_for(lambda: _true(not app.ingestor.idle()), 10)
             checks = app.disk.checks
             await wait_for(lambda: _true(app.disk.checks >= checks + 5), 10)
             assert await app.database.exposures.count({"ingest.status": {"$ne": "ok"}}) == 0
@@ -192,6 +205,8 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
             await wait_for(lambda: ingested(before + during), 90, 0.2)
             status, body = await get(port, "/healthz")
             assert status == 200 and "disk: ok" in body, body
+            status, text = await get(port, "/metrics")
+            assert status == 200 and 'huntsman_disk_low{directory="var_dir"} 0' in text
             docs = await app.database.exposures.count({})
             assert docs == len(before) + len(during)
         finally:

@@ -39,7 +39,7 @@ from huntsman.science.masters import MasterParams, MasterResult
 from huntsman.science.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
 from huntsman.services.calib_plan import RAW_PROJECTION, Group, RawFrame, UnitPlan, plan_unit, units_of
-from huntsman.services.disk import DiskMonitor
+from huntsman.services.disk import MASTERS, DiskMonitor
 from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument, Unit, calib_date_of
 from huntsman.store.exposures import ExposureCollection
 from huntsman.workers.calib import CalibJob, build_calib_master
@@ -338,7 +338,7 @@ class CalibService:
     async def _build(self, group: Group, masters: dict[str, str], plan: UnitPlan, log: Any) -> CalibDocument:
         unit = group.unit
         if self.disk is not None:
-            await self.disk.wait_writable()  # writes the master and its document
+            await self.disk.wait_writable(*MASTERS)  # writes the master and its document
         out = await self._next_path(unit)
         job = CalibJob(
             calib_type=unit.calib_type,

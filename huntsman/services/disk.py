@@ -22,9 +22,16 @@ from huntsman.config import Config, DiskConfig
 __all__ = ["DiskMonitor", "DiskSpace", "is_disk_full", "watched_paths"]
 
 _MB = 1024 * 1024
+_RESUME_FACTOR = 1.1
 
 # Names of the watched directories, as used in reasons and in ``wait_writable(...)``.
-VAR, DATABASE, CALIB, CALIBRATED = "var_dir", "database", "calib_dir", "calibrated_dir"
+VAR, DATABASE, CALIB, CALIBRATED, RAW = "var_dir", "database", "calib_dir", "calibrated_dir", "raw_dir"
+# What each writer needs: every stage writes documents; the solver writes the WCS into the raw
+# file, master builds write under calib_dir, QC the calibrated frame.
+DOCUMENTS = (VAR, DATABASE)
+SOLVER = (*DOCUMENTS, RAW)
+MASTERS = (*DOCUMENTS, CALIB)
+QC = (*DOCUMENTS, CALIBRATED)
 
 
 def watched_paths(config: Config) -> dict[str, Path]:
@@ -34,6 +41,7 @@ def watched_paths(config: Config) -> dict[str, Path]:
         paths[DATABASE] = config.database.embedded.storage_dir
     paths[CALIB] = config.paths.calib_dir
     paths[CALIBRATED] = config.paths.calibrated_dir
+    paths[RAW] = config.paths.raw_dir
     return paths
 
 
@@ -92,8 +100,11 @@ class DiskMonitor:
                 self._log.warning("disk_usage_failed", directory=name, path=str(path), error=str(exc))
                 continue
             free_mb, total_mb = usage.free / _MB, usage.total / _MB
-            low = free_mb < self.config.min_free_mb or (
-                total_mb > 0 and usage.free / usage.total < self.config.min_free_fraction
+            # Hysteresis: a low directory recovers only 10 % above the threshold, so free space
+            # hovering at the threshold does not make an episode of every measurement.
+            factor = _RESUME_FACTOR if name in self._low else 1.0
+            low = free_mb < factor * self.config.min_free_mb or (
+                total_mb > 0 and usage.free / usage.total < factor * self.config.min_free_fraction
             )
             spaces[name] = DiskSpace(name, str(path), free_mb, total_mb, low)
         return spaces

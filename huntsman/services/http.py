@@ -415,6 +415,16 @@ class StatusServer:
         m.sample("huntsman_pool_rebuilds_total", self.pool.rebuilds if self.pool else 0)
         m.family("huntsman_event_loop_lag_seconds", "gauge", "Latest measured event-loop lag.")
         m.sample("huntsman_event_loop_lag_seconds", self.loop_lag_s)
+        if self.disk is not None:
+            m.family("huntsman_disk_free_bytes", "gauge", "Free space of each watched directory.")
+            for name, space in sorted(self.disk.spaces.items()):
+                m.sample("huntsman_disk_free_bytes", space.free_mb * 1024 * 1024, directory=name)
+            m.family("huntsman_disk_low", "gauge", "1 while a directory's free space is below the threshold.")
+            low = set(self.disk.low())
+            for name in sorted(self.disk.spaces):
+                m.sample("huntsman_disk_low", int(name in low), directory=name)
+        m.family("huntsman_http_refused_total", "counter", "Requests answered 503 at once (too many).")
+        m.sample("huntsman_http_refused_total", self.refused)
         recent = await self._recent()
         m.family(
             "huntsman_stage_duration_seconds",

@@ -18,7 +18,7 @@ from pymongo.errors import PyMongoError
 from huntsman.config import IngestConfig, WatcherConfig
 from huntsman.models import FileSource, IngestParams, IngestRequest, IngestResult, utcnow
 from huntsman.science.wcs_writer import read_wcs_marker
-from huntsman.services.disk import DATABASE, VAR, DiskMonitor
+from huntsman.services.disk import DOCUMENTS, DiskMonitor
 from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.database import retry_writes
 from huntsman.store.exposures import ExposureCollection, FileState
@@ -174,7 +174,7 @@ class FileIngestor:
                 self._defer(request)  # possibly still being written; its CLOSE_WRITE may follow
                 return None
         if self.disk is not None:
-            await self.disk.wait_writable(VAR, DATABASE)
+            await self.disk.wait_writable(*DOCUMENTS)
         start = time.perf_counter()
         try:
             result = await self.pool.run(ingest_file, path, self.params)
@@ -230,10 +230,10 @@ class FileIngestor:
                 if self.disk is None:
                     raise
                 await self.disk.check()
-                if not self.disk.low((VAR, DATABASE)):
+                if not self.disk.low(DOCUMENTS):
                     raise
                 log.warning("ingest_write_waiting", error=str(exc)[:300], reason=self.disk.reason())
-                await self.disk.wait_writable(VAR, DATABASE)
+                await self.disk.wait_writable(*DOCUMENTS)
 
     def _defer(self, request: IngestRequest) -> None:
         async def later() -> None:

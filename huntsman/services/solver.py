@@ -19,7 +19,7 @@ from huntsman.config import AstrometryConfig, DetectorConfig
 from huntsman.models import utcnow
 from huntsman.science.astrometry import SolveParams, available
 from huntsman.science.wcs_writer import cleanup_temp_files
-from huntsman.services.disk import DiskMonitor
+from huntsman.services.disk import SOLVER, DiskMonitor
 from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.exposures import ExposureCollection
 from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
@@ -147,7 +147,7 @@ class PlateSolver:
             filename = await self.queue.get()
             try:
                 if self.disk is not None:
-                    await self.disk.wait_writable()  # writes the raw file and the document
+                    await self.disk.wait_writable(*SOLVER)  # writes the raw file and the document
                 await self.solve(filename)
             except asyncio.CancelledError:
                 raise
