@@ -429,7 +429,7 @@ _SECRET_OPTION = re.compile(
 )
 _URI_USERINFO = re.compile(
     r"^(?P<scheme>mongodb(?:\+srv)?://)(?P<user>[^:@/?#]*):(?P<password>.*)@(?P<hosts>[^@/?#]*)(?P<rest>[/?#].*)?$",
-    re.DOTALL,
+    re.DOTALL | re.IGNORECASE,
 )
 # A URI inside any text: up to white space or a quote.
 _URI_IN_TEXT = re.compile(r"mongodb(?:\+srv)?://[^\s'\"<>`]+", re.IGNORECASE)

@@ -45,6 +45,7 @@ def test_redact_uri_hides_every_secret_and_keeps_the_rest() -> None:
     assert redact_uri("mongodb://u:p@ss@host/") == "mongodb://u:***@host/"  # unescaped: hide more
     assert redact_uri("mongodb://host:27017/db?w=1") == "mongodb://host:27017/db?w=1"
     assert redact_uri("embedded") == "embedded"
+    assert redact_uri("MongoDB://u:S3cretPw@h/") == "MongoDB://u:***@h/"
 
 
 def test_redact_text_finds_uris_inside_messages_and_data() -> None:
