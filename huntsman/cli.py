@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from huntsman import __version__
-from huntsman.config import Config, ConfigError, load_config, redact_uri
+from huntsman.config import Config, ConfigError, load_config, redact_text, redact_uri
 from huntsman.logs import configure_logging
 
 __all__ = ["EXIT_DATABASE", "main"]
@@ -217,7 +217,7 @@ def database_message(exc: BaseException, config: Config) -> str:
 
     from huntsman.store.embedded import EmbeddedServerError
 
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = redact_text(" ".join(str(exc).split())) or type(exc).__name__
     for cut in (", Timeout:", " (configured timeouts:", ", Topology Description:"):
         text = text.split(cut)[0]
     if len(text) > 200:

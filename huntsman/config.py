@@ -525,8 +525,22 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         node = overrides
         for key in keys[:-1]:
             node = node.setdefault(key, {})
-        node[keys[-1]] = yaml.safe_load(value) if value.strip() else value
+        node[keys[-1]] = _env_value(value)
     return overrides
+
+
+def _env_value(text: str) -> Any:
+    """An environment value read as YAML (numbers, lists, booleans), else as the plain string.
+
+    A value YAML cannot parse (``[::1]``, an unbalanced quote) is taken as written rather than
+    stopping start-up with a parser traceback; validation then judges it like any other value.
+    """
+    if not text.strip():
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _resolve_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -552,7 +566,8 @@ def _format_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "config"
-        parts.append(f"{where}: {err['msg']}")
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix says nothing
+        parts.append(f"{where}: {message}")
     return "invalid configuration: " + "; ".join(parts)
 
 

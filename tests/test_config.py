@@ -68,6 +68,16 @@ def test_invalid_config_is_one_clear_line(env: dict[str, str], message: str, tmp
     assert message in text and "\n" not in text
 
 
+def test_environment_value_yaml_cannot_parse_is_taken_as_written(tmp_path: Path) -> None:
+    env = {"HUNTSMAN_HTTP__HOST": "[::1]", "HUNTSMAN_HTTP__PORT": "9000"}
+    config = load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path)
+    assert config.http.host == "[::1]" and config.http.is_loopback()
+    assert config.http.port == 9000  # still read as YAML where it parses
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "etc" / "huntsman.yaml", environ={"HUNTSMAN_HTTP__HOST": "0.0.0.0"}, root=tmp_path)
+    assert str(info.value).startswith("invalid configuration: http: host '0.0.0.0' is not a loopback")
+
+
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("ingest: [unclosed\n")
