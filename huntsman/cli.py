@@ -119,11 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(config: Config) -> int:
-    # The lock first, before the heavy imports: a refused second run answers at once.
-    from huntsman.lock import SERVICE_LOCK, LockHeld, PidLock
+    # The locks first, before the heavy imports: a refused second run answers at once, and
+    # a command-line tool started while we start waits for our embedded server.
+    from huntsman.lock import EMBEDDED_LOCK, SERVICE_LOCK, LockHeld, PidLock
 
+    lock = PidLock(config.paths.var_dir / SERVICE_LOCK)
+    storage_lock = PidLock(config.database.embedded.storage_dir / EMBEDDED_LOCK)
     try:
-        lock = PidLock(config.paths.var_dir / SERVICE_LOCK).acquire()
+        lock.acquire()
     except LockHeld as exc:
         who = f"pid {exc.pid}" if exc.pid else "another process"
         print(
@@ -132,6 +135,24 @@ def _run_command(config: Config) -> int:
             file=sys.stderr,
         )
         return EXIT_ALREADY_RUNNING
+    try:
+        if config.database.uri == "embedded":
+            try:  # a command-line tool may own it for a moment
+                storage_lock.acquire(config.database.embedded.start_timeout_s)
+            except LockHeld as exc:
+                print(
+                    f"huntsman: the embedded database on {config.database.embedded.storage_dir} "
+                    f"is in use by pid {exc.pid or '?'}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILURE
+        return _run_locked(config, lock, storage_lock if storage_lock.held else None)
+    finally:
+        storage_lock.release()
+        lock.release()
+
+
+def _run_locked(config: Config, lock: Any, storage_lock: Any) -> int:
     from pymongo.errors import PyMongoError
 
     from huntsman.app import run_service
@@ -140,7 +161,7 @@ def _run_command(config: Config) -> int:
 
     configure_logging(config.logging.level, config.logging.format)
     try:
-        return _run(run_service(config, lock=lock))
+        return _run(run_service(config, lock=lock, storage_lock=storage_lock))
     except KeyboardInterrupt:
         return EXIT_OK
     except EmbeddedServerError as exc:
@@ -149,8 +170,6 @@ def _run_command(config: Config) -> int:
     except PyMongoError as exc:  # unreachable at start-up: one line, supervisord retries
         print(f"huntsman: database unreachable: {short_error(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-    finally:
-        lock.release()
 
 
 def json_default(value: Any) -> Any:
