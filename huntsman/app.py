@@ -22,7 +22,7 @@ from typing import Any
 
 from huntsman import __version__
 from huntsman.config import Config, redact_uri
-from huntsman.lock import SERVICE_LOCK, PidLock
+from huntsman.lock import EMBEDDED_LOCK, SERVICE_LOCK, LockHeld, PidLock
 from huntsman.logs import get_logger
 from huntsman.models import DetectorConstants, FileSource, IngestParams
 from huntsman.science.offline import configure_offline_astropy
@@ -44,6 +44,7 @@ from huntsman.store.database import (
     open_database,
     short_error,
 )
+from huntsman.store.embedded import EmbeddedServerError
 from huntsman.workers.pool import ComputePool, process_pool_factory
 
 __all__ = ["EXIT_DATABASE_LOST", "Application", "run_service"]
@@ -309,26 +310,45 @@ async def run_service(
     started: Callable[[Application], None] | None = None,
     *,
     lock: PidLock | None = None,
+    storage_lock: PidLock | None = None,
 ) -> int:
     """The service's root coroutine; ``stop`` is the injectable shutdown trigger.
 
     ``started`` is called with the application once its parts exist (tests use it).  Raises
     :class:`huntsman.lock.LockHeld`, having touched nothing, if a service already runs on
-    this var directory (``lock``: already taken by the caller, who releases it).  Returns
-    the exit code: 0, or :data:`EXIT_DATABASE_LOST`.
+    this var directory (``lock``, ``storage_lock``: already taken by the caller, who
+    releases them).  Returns the exit code: 0, or :data:`EXIT_DATABASE_LOST`.
     """
-    if lock is not None and lock.held:
-        return await _run_locked(config, stop, started)
-    # First of all: one service per data directory (the kernel drops the lock if we die).
-    own = await asyncio.to_thread(PidLock(config.paths.var_dir / SERVICE_LOCK).acquire)
+    # First of all: one service per data directory (the kernel drops the lock if we die),
+    # then at once the embedded storage, so that a command-line tool started meanwhile
+    # waits for our server instead of starting its own.
+    own: list[PidLock] = []
     try:
-        return await _run_locked(config, stop, started)
+        if lock is None or not lock.held:
+            lock = PidLock(config.paths.var_dir / SERVICE_LOCK)
+            own.append(await asyncio.to_thread(lock.acquire))
+        if storage_lock is None and config.database.uri == "embedded":
+            storage_lock = PidLock(config.database.embedded.storage_dir / EMBEDDED_LOCK)
+            own.append(await asyncio.to_thread(
+                storage_lock.acquire, config.database.embedded.start_timeout_s
+            ))
+        return await _run_locked(config, stop, started, storage_lock)
+    except LockHeld as exc:
+        if exc.path.name == EMBEDDED_LOCK:
+            raise EmbeddedServerError(
+                f"the embedded database on {exc.path.parent} is in use by pid {exc.pid or '?'}"
+            ) from None
+        raise
     finally:
-        own.release()
+        for held in reversed(own):
+            held.release()
 
 
 async def _run_locked(
-    config: Config, stop: asyncio.Event | None, started: Callable[[Application], None] | None
+    config: Config,
+    stop: asyncio.Event | None,
+    started: Callable[[Application], None] | None,
+    storage_lock: PidLock | None,
 ) -> int:
     log = get_logger(service="huntsman")
     configure_offline_astropy()
@@ -351,7 +371,9 @@ async def _run_locked(
     await asyncio.to_thread(private_dir, config.paths.var_dir)  # owner-only (0700)
     await asyncio.to_thread(config.paths.raw_dir.mkdir, parents=True, exist_ok=True)
     close_timeout_s = config.shutdown.close_timeout_s
-    async with open_database(config.database, log, close_timeout_s=close_timeout_s) as database:
+    async with open_database(
+        config.database, log, close_timeout_s=close_timeout_s, storage_lock=storage_lock
+    ) as database:
         await database.ensure_indexes()
         # Command-line tools act with this configuration by default (huntsman/service_config.py).
         try:

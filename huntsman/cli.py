@@ -299,11 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(config: Config) -> int:
-    # The lock first, before the heavy imports: a refused second run answers at once.
-    from huntsman.lock import SERVICE_LOCK, LockHeld, PidLock
+    # The locks first, before the heavy imports: a refused second run answers at once, and
+    # a command-line tool started while we start waits for our embedded server.
+    from huntsman.lock import EMBEDDED_LOCK, SERVICE_LOCK, LockHeld, PidLock
 
+    lock = PidLock(config.paths.var_dir / SERVICE_LOCK)
+    storage_lock = PidLock(config.database.embedded.storage_dir / EMBEDDED_LOCK)
     try:
-        lock = PidLock(config.paths.var_dir / SERVICE_LOCK).acquire()
+        lock.acquire()
     except LockHeld as exc:
         who = f"pid {exc.pid}" if exc.pid else "another process"
         print(
@@ -312,11 +315,29 @@ def _run_command(config: Config) -> int:
             file=sys.stderr,
         )
         return EXIT_ALREADY_RUNNING
+    try:
+        if config.database.uri == "embedded":
+            try:  # a command-line tool may own it for a moment
+                storage_lock.acquire(config.database.embedded.start_timeout_s)
+            except LockHeld as exc:
+                print(
+                    f"huntsman: the embedded database on {config.database.embedded.storage_dir} "
+                    f"is in use by pid {exc.pid or '?'}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILURE
+        return _run_locked(config, lock, storage_lock if storage_lock.held else None)
+    finally:
+        storage_lock.release()
+        lock.release()
+
+
+def _run_locked(config: Config, lock: Any, storage_lock: Any) -> int:
     from huntsman.app import run_service
 
     configure_logging(config.logging.level, config.logging.format)
     try:
-        return _run(run_service(config, lock=lock))
+        return _run(run_service(config, lock=lock, storage_lock=storage_lock))
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:
@@ -324,8 +345,6 @@ def _run_command(config: Config) -> int:
             raise
         print(database_message(db_exc, config), file=sys.stderr)
         return EXIT_DATABASE
-    finally:
-        lock.release()
 
 
 def json_default(value: Any) -> Any:

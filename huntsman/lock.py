@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["SERVICE_LOCK", "LockHeld", "PidLock", "holder"]
+__all__ = ["EMBEDDED_LOCK", "SERVICE_LOCK", "LockHeld", "PidLock", "holder"]
 
-SERVICE_LOCK = "huntsman.lock"
+SERVICE_LOCK = "huntsman.lock"  # in the var directory: one service per data directory
+EMBEDDED_LOCK = "embedded.lock"  # in the embedded storage: the owner of its server
 PROBE_GRACE_S = 0.3
 
 

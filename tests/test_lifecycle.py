@@ -256,8 +256,7 @@ async def test_cli_waits_for_the_owner_instead_of_starting_a_database(tmp_path: 
         assert 1.9 < time.monotonic() - started < 10
         assert servers_on(storage) == []
         # The owner's server appears while the tool waits: the tool uses it.
-        owner.release()
-        server = EmbeddedServer(storage, port=0)
+        server = EmbeddedServer(storage, port=0, lock=owner)
         waiting = asyncio.create_task(_ping_via_cli(config, log))
         await asyncio.sleep(0.3)
         await server.start()

@@ -15,6 +15,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from huntsman.config import DatabaseConfig
+from huntsman.lock import PidLock
 from huntsman.models import utcnow
 from huntsman.store.calibs import CalibCollection
 from huntsman.store.embedded import (
@@ -269,13 +270,15 @@ async def open_database(
     *,
     reuse_running: bool = False,
     close_timeout_s: float | None = None,
+    storage_lock: PidLock | None = None,
 ) -> AsyncIterator[Database]:
     """The configured database; starts (and finally stops) the embedded server if needed.
 
     With ``reuse_running`` (command-line tools), an embedded server already started by a
     running service on the same storage is used instead of starting a second one; while a
     service owns the storage but its server is not answering yet, the tool waits for it.
-    ``close_timeout_s`` bounds the client's close (the service's shutdown budget).
+    ``close_timeout_s`` bounds the client's close (the service's shutdown budget);
+    ``storage_lock`` is the embedded storage's lock when the caller (the service) took it first.
     """
     server: EmbeddedServer | None = None
     uri = config.uri
@@ -295,6 +298,7 @@ async def open_database(
             stop_timeout_s=embedded.stop_timeout_s,
             # The service waits for a command-line tool that owns the storage to finish.
             lock_wait_s=0.0 if reuse_running else embedded.start_timeout_s,
+            lock=storage_lock,
             log=log,
         )
         try:

@@ -30,7 +30,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
 from huntsman.config import EMBEDDED_KILL_WAIT_S
-from huntsman.lock import LockHeld, PidLock, holder
+from huntsman.lock import EMBEDDED_LOCK, LockHeld, PidLock, holder
 from huntsman.science.paths import private_dir
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 STATE_FILE = "server.json"
-EMBEDDED_LOCK = "embedded.lock"
 
 
 class EmbeddedServerError(RuntimeError):
@@ -165,6 +164,7 @@ class EmbeddedServer:
         memory: bool = False,
         test_commands: bool = False,
         lock_wait_s: float = 0.0,
+        lock: PidLock | None = None,
         log: Any = None,
     ) -> None:
         self.storage_dir = Path(storage_dir)
@@ -176,7 +176,8 @@ class EmbeddedServer:
         self.port: int | None = None
         self.lock_wait_s = lock_wait_s
         self._proc: asyncio.subprocess.Process | None = None
-        self._lock = PidLock(self.storage_dir / EMBEDDED_LOCK)
+        # ``lock``: the storage's lock, possibly taken (and held) by the caller beforehand.
+        self._lock = lock or PidLock(self.storage_dir / EMBEDDED_LOCK)
         self._log = log
 
     @property
