@@ -29,7 +29,9 @@ LOG = get_logger(test="disk")
 MB = 1024 * 1024
 
 
-def _mount_tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
+@contextlib.contextmanager
+def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mb`` mounted at ``path`` for the duration (skip if impossible)."""
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
@@ -47,16 +49,25 @@ def _mount_tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    yield from _mount_tmpfs(tmp_path / "small", 16)
+    with tmpfs(tmp_path / "small", 16) as path:
+        yield path
 
 
 @pytest.fixture
 def var_fs(tmp_path: Path) -> Iterator[Path]:
-    yield from _mount_tmpfs(tmp_path / "var", 160)
+    with tmpfs(tmp_path / "var", 160) as path:
+        yield path
 
 
-def fill(path: Path, leave_mb: float = 0.0) -> int:
-    """Write a ballast file until the filesystem is full (or only ``leave_mb`` is left)."""
+def fill(path: Path, leave_mb: float = 0.0, max_fs_mb: float = 256.0) -> int:
+    """Write a ballast file until the filesystem is full (or only ``leave_mb`` is left).
+
+    Refuses a filesystem larger than ``max_fs_mb``: only ever the small tmpfs of a test.
+    """
+    st = os.statvfs(path.parent)
+    size_mb = st.f_blocks * st.f_frsize / MB
+    if size_mb > max_fs_mb or not os.path.ismount(path.parent):
+        raise AssertionError(f"refusing to fill {path.parent} ({size_mb:.0f} MB): not a test tmpfs")
     chunk = b"\0" * MB
     written = 0
     with open(path, "wb") as f:
@@ -261,3 +272,4 @@ async def test_write_error_is_recorded_with_the_real_reason_and_gate_waits(
         assert await database.calibs.count({}) == 1
     finally:
         await pool.shutdown(2.0)
+

@@ -44,6 +44,7 @@ _T = TypeVar("_T")
 _MAX_REQUEST = 8192
 _BACKLOG = 1024  # a burst of connections is queued by the kernel, not refused with a SYN retry
 _READ_TIMEOUT_S = 5.0
+_REFUSED_CLOSE_S = 1.0
 _NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(png|html)$")
 _QUANTILES = (0.5, 0.9, 0.99)
@@ -287,22 +288,22 @@ class StatusServer:
             self.active -= 1
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Too many requests at once: a prepared 503, no parsing and no database work."""
+        """Too many requests at once: a prepared 503, no parsing and no database work.
+
+        As cheap as it can be on streams: one write and a half-close, then the handler is done.
+        The socket itself is closed a second later by a timer (not at once: closing with the
+        request still unread would reset the connection before the client read the answer).
+        """
         self.refused += 1
+        transport = writer.transport
         try:
-            writer.write(_BUSY)
-            await asyncio.wait_for(writer.drain(), _READ_TIMEOUT_S)
-            if writer.can_write_eof():
-                writer.write_eof()
-            # Read (and drop) the request until the client closes: closing a socket with unread
-            # data would reset the connection before the client has read the answer.
-            await asyncio.wait_for(reader.read(_MAX_REQUEST), 1.0)
-        except (ConnectionError, OSError, TimeoutError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            transport.write(_BUSY)
+            if transport.can_write_eof():
+                transport.write_eof()
+        except (ConnectionError, OSError, RuntimeError):
+            transport.abort()
+            return
+        asyncio.get_running_loop().call_later(_REFUSED_CLOSE_S, transport.close)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         plain = "text/plain; charset=utf-8"

@@ -8,6 +8,7 @@ file is processed in its own ``try``: a bad file is recorded as failed, never st
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -212,7 +213,7 @@ class FileIngestor:
         return status
 
     async def _record(
-        self, result: IngestResult, log: Any, *, seen_at: Any, previous: FileState | None,
+        self, result: IngestResult, log: Any, *, seen_at: dt.datetime, previous: FileState | None,
         same_content: bool,
     ) -> str:
         """Write the document; a write the database refuses while the disk is full waits for
