@@ -99,7 +99,7 @@ class Application:
             concurrency=config.pool.max_in_flight,
         )
         self.watcher = DirectoryWatcher(
-            config.paths.raw_dir, self.ingestor.submit, config.watcher, log
+            config.paths.raw_dir, self.ingestor.submit, config.watcher, log, tracker=self.ingestor
         )
         self.calib = make_calib_service(config, database, self.background, log)
         self.ingestor.listeners.append(self.calib.notify)
