@@ -6,6 +6,7 @@ real temporary raw tree and checks the documents that end up in the database.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import shutil
@@ -310,3 +311,23 @@ async def test_masters_follow_moved_inputs_and_exclude_missing(
     finally:
         await service.shutdown()
 
+
+
+async def test_two_names_ingested_at_once_end_as_one_document(
+    service: ServiceHandle, database: Database, tmp_path: Path
+) -> None:
+    """Both names of one inode processed concurrently (neither had a document yet)."""
+    from huntsman.models import FileSource, IngestRequest, utcnow
+
+    first = frame(tmp_path / "cli" / "x1.fits", 7)
+    second = first.with_name("x2.fits")
+    os.link(first, second)
+    ingestor = service.app.ingestor
+    results = await asyncio.gather(*(
+        ingestor.process(IngestRequest(str(p), utcnow(), FileSource.CLI)) for p in (first, second)
+    ))
+    assert sorted(results, key=str) == sorted(["ok", None], key=str)
+    docs = [d async for d in database.exposures.find({"filename": {"$in": [str(first), str(second)]}})]
+    assert len(docs) == 1
+    other = str(second) if docs[0]["filename"] == str(first) else str(first)
+    assert docs[0]["file"]["links"] == [other] and ingestor.counts["linked"] == 1

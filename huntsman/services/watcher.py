@@ -117,6 +117,8 @@ class DirectoryWatcher:
         # MOVED_FROM halves waiting for their MOVED_TO: cookie -> (path, is_dir, time)
         self._moves: dict[int, tuple[Path, bool, float]] = {}
         self._moves_waiting = asyncio.Event()
+        self._busy = False  # handling an event (possibly waiting on a full ingest queue)
+        self._idle_since = 0.0
         self.ready = asyncio.Event()
         self.scans = 0
         self.overflows = 0
@@ -235,14 +237,19 @@ class DirectoryWatcher:
             await self._submit(IngestRequest(str(path), utcnow(), FileSource.EVENT))
 
     async def _expire_moves(self) -> None:
-        """A ``MOVED_FROM`` without its ``MOVED_TO``: moved out of the tree, so gone."""
+        """A ``MOVED_FROM`` without its ``MOVED_TO``: moved out of the tree, so gone.
+
+        The time only runs while the watcher is free to read events: one held up by a full
+        ingest queue has not yet read the ``MOVED_TO`` that may be waiting for it."""
         loop = asyncio.get_running_loop()
         while True:
             await self._moves_waiting.wait()
             await asyncio.sleep(_PAIR_S)
             now = loop.time()
             for cookie, (path, is_dir, when) in list(self._moves.items()):
-                if now - when < _PAIR_S or self._moves.pop(cookie, None) is None:
+                if self._busy or now - max(when, self._idle_since) < _PAIR_S:
+                    continue
+                if self._moves.pop(cookie, None) is None:
                     continue
                 if is_dir:
                     self._forget_watches(path)
@@ -304,13 +311,17 @@ class DirectoryWatcher:
                     group.create_task(self._periodic_rescan(), name="watcher-rescan"),
                     group.create_task(self._expire_moves(), name="watcher-moves"),
                 ]
+                loop = asyncio.get_running_loop()
                 try:
                     async for event in inotify:
                         self.events += 1
+                        self._busy = True
                         try:
                             await self._handle(event)
                         except _RootLost as lost:
                             return str(lost)
+                        finally:
+                            self._busy, self._idle_since = False, loop.time()
                 finally:
                     for task in tasks:
                         task.cancel()

@@ -273,10 +273,18 @@ class ExposureCollection:
         old_prefix, new_prefix = old_dir.rstrip("/") + "/", new_dir.rstrip("/") + "/"
         now = utcnow()
         ops: list[UpdateOne] = []
+        targets: list[str] = []
         moved = 0
+
+        async def flush() -> int:
+            # Documents already at the new names described files the rename replaced.
+            await self.collection.delete_many({"filename": {"$in": targets}})
+            return int((await self.collection.bulk_write(ops, ordered=False)).modified_count)
+
         async for doc in self.collection.find(_under(old_dir), {"filename": 1}, batch_size=5000):
             old = doc["filename"]
             new = new_prefix + old[len(old_prefix):]
+            targets.append(new)
             ops.append(UpdateOne(
                 {"_id": doc["_id"]},
                 {"$set": {"filename": new, "file.missing": False, "file.moved_at": now,
@@ -285,11 +293,11 @@ class ExposureCollection:
                  "$push": {"file.previous_names": old}},
             ))
             if len(ops) >= 1000:
-                moved += (await self.collection.bulk_write(ops, ordered=False)).modified_count
-                ops = []
+                moved += await flush()
+                ops, targets = [], []
         if ops:
-            moved += (await self.collection.bulk_write(ops, ordered=False)).modified_count
-        return int(moved)
+            moved += await flush()
+        return moved
 
     async def mark_missing(self, filenames: Iterable[str]) -> int:
         """Mark the documents of files that are gone; returns how many were newly marked."""
