@@ -331,3 +331,26 @@ async def test_two_names_ingested_at_once_end_as_one_document(
     assert len(docs) == 1
     other = str(second) if docs[0]["filename"] == str(first) else str(first)
     assert docs[0]["file"]["links"] == [other] and ingestor.counts["linked"] == 1
+
+
+async def test_raw_root_parent_renamed(
+    tmp_path: Path, mongo_uri: str, db_name: str, database: Database
+) -> None:
+    """A renamed parent gives the root's own watch no event: the path check notices."""
+    config = make_config(tmp_path, mongo_uri, db_name, RAW_DIR=tmp_path / "data" / "raw")
+    service = await ServiceHandle(config).start()
+    try:
+        raw = service.raw
+        old = frame(raw / "old.fits", 1)
+        await wait_for(lambda: ok_at(database, old), 20)
+        os.rename(tmp_path / "data", tmp_path / "data-old")
+        raw.mkdir(parents=True)
+        new = frame(raw / "new.fits", 2)
+        await wait_for(lambda: ok_at(database, new), 10)
+        await wait_for(lambda: _missing(database, old), 10)
+        assert service.app.watcher.root_restarts == 1
+        late = frame(raw / "late.fits", 3)
+        await wait_for(lambda: ok_at(database, late), 10)
+        assert await database.exposures.count({}) == 3
+    finally:
+        await service.shutdown()

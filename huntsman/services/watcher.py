@@ -20,8 +20,10 @@ Files that move or vanish (reported to a :class:`FileTracker`, the ingestor):
 * ``DELETE`` marks the file's document missing; every scan also compares the tree with the
   database (documents whose file is gone are marked missing).
 * The root itself moved, deleted or replaced (``MOVE_SELF``/``DELETE_SELF``/``IGNORED`` on its
-  watch): watching stops, the configured path is polled every ``_ROOT_POLL_S`` until a
-  directory is there again, and watching restarts with a full reconciliation scan.
+  watch, or the configured path no longer naming the watched directory, checked every
+  ``_ROOT_CHECK_S``: a renamed parent gives no event): watching stops, the configured path
+  is polled every ``_ROOT_POLL_S`` until a directory is there again, and watching restarts
+  with a full reconciliation scan.
 
 Scanned files may still be being written; the ingestor decides (see ``FileSource.SCAN``).
 """
@@ -61,6 +63,9 @@ _ROOT_LOST = Mask.MOVE_SELF | Mask.DELETE_SELF | Mask.IGNORED
 _PAIR_S = 0.5
 # How often a lost raw root is looked for at the configured path.
 _ROOT_POLL_S = 0.5
+# How often the configured path is checked to still be the watched directory (a parent renamed
+# or a mount changed gives the root's own watch no event).
+_ROOT_CHECK_S = 2.0
 
 Submit = Callable[[IngestRequest], Awaitable[None]]
 
@@ -300,6 +305,7 @@ class DirectoryWatcher:
             self._moves.clear()
             try:
                 root_watch = await asyncio.to_thread(inotify.add_watch, self.root, _DIR_MASK)
+                st = await asyncio.to_thread(os.stat, self.root)
             except OSError as exc:
                 return f"cannot watch: {exc.strerror}"
             self._root_wd = root_watch.wd
@@ -307,22 +313,43 @@ class DirectoryWatcher:
             self.ready.set()
             self._log.info("watcher_started", root=str(self.root), watches=len(inotify.watches))
             async with asyncio.TaskGroup() as group:
-                tasks = [
+                reader = group.create_task(self._read_events(inotify), name="watcher-events")
+                guard = group.create_task(self._guard_root((st.st_dev, st.st_ino)), name="watcher-root")
+                others = [
                     group.create_task(self._periodic_rescan(), name="watcher-rescan"),
                     group.create_task(self._expire_moves(), name="watcher-moves"),
                 ]
-                loop = asyncio.get_running_loop()
                 try:
-                    async for event in inotify:
-                        self.events += 1
-                        self._busy = True
-                        try:
-                            await self._handle(event)
-                        except _RootLost as lost:
-                            return str(lost)
-                        finally:
-                            self._busy, self._idle_since = False, loop.time()
+                    done, _ = await asyncio.wait({reader, guard}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    for task in tasks:
+                    for task in (reader, guard, *others):
                         task.cancel()
+                return done.pop().result()
+
+    async def _read_events(self, inotify: Inotify) -> str:
+        """Handle events until the root's own watch reports it lost; returns why."""
+        loop = asyncio.get_running_loop()
+        async for event in inotify:
+            self.events += 1
+            self._busy = True
+            try:
+                await self._handle(event)
+            except _RootLost as lost:
+                return str(lost)
+            finally:
+                self._busy, self._idle_since = False, loop.time()
         raise AssertionError("inotify stopped yielding events")  # pragma: no cover
+
+    async def _guard_root(self, watched: tuple[int, int]) -> str:
+        """Returns once the configured path no longer names the watched directory."""
+        while True:
+            await asyncio.sleep(_ROOT_CHECK_S)
+            try:
+                st = await asyncio.to_thread(os.stat, self.root)
+            except FileNotFoundError:
+                return "gone"
+            except OSError as exc:
+                self._log.warning("raw_root_unreadable", root=str(self.root), error=exc.strerror)
+                continue
+            if (st.st_dev, st.st_ino) != watched:
+                return "replaced"
