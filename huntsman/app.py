@@ -123,7 +123,7 @@ class Application:
             write_retry_s=config.database.write_retry_s,
         )
         self.watcher = DirectoryWatcher(
-            config.paths.raw_dir, self.ingestor.submit, config.watcher, log
+            config.paths.raw_dir, self.ingestor.submit, config.watcher, log, tracker=self.ingestor
         )
         self.calib = make_calib_service(config, database, self.background, log)
         self.ingestor.listeners.append(self.calib.notify)

@@ -91,7 +91,9 @@ class IngestResult:
     """What a worker learnt about one file: standard metadata, header, metrics or the error.
 
     ``fields`` holds the data-contract fields (observation_type, camera, ...); ``error`` is
-    ``None`` on success.  ``file_size``/``file_mtime_ns`` identify the content that was read.
+    ``None`` on success.  ``file_size``/``file_mtime_ns`` identify the content that was read;
+    ``file_dev``/``file_ino`` (its inode) are added by the ingestor when the file still holds
+    that content after the read.
     """
 
     filename: str
@@ -103,6 +105,8 @@ class IngestResult:
     duration_s: float
     file_size: int | None
     file_mtime_ns: int | None
+    file_dev: int | None = None
+    file_ino: int | None = None
 
     @property
     def ok(self) -> bool:

@@ -34,6 +34,8 @@ RAW_PROJECTION = {
     "ingest.status": 1,
     "ingest.error": 1,
     "metrics": 1,
+    "file.missing": 1,
+    "file.missing_since": 1,
 }
 
 
@@ -52,6 +54,8 @@ class RawFrame:
     status: str | None
     error: str | None
     metrics: Mapping[str, Any]
+    missing_since: dt.datetime | None = None  # the raw file is gone (deleted, moved out)
+    missing: bool = False
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> RawFrame | None:
@@ -60,6 +64,7 @@ class RawFrame:
         if calib_type not in ("bias", "dark", "flat") or not camera or not date:
             return None
         ingest = doc.get("ingest") or {}
+        file = doc.get("file") or {}
         return cls(
             filename=doc["filename"],
             calib_type=calib_type,
@@ -72,6 +77,8 @@ class RawFrame:
             status=ingest.get("status"),
             error=ingest.get("error"),
             metrics=doc.get("metrics") or {},
+            missing_since=file.get("missing_since"),
+            missing=bool(file.get("missing")),
         )
 
     @property
@@ -120,6 +127,9 @@ def _metric(frame: RawFrame, name: str) -> float | None:
 
 def rejection_reason(frame: RawFrame, config: CalibConfig, detector: DetectorConfig) -> str | None:
     """Why a frame must not be used, or ``None`` if it may be."""
+    if frame.missing:
+        since = f" since {frame.missing_since:%Y-%m-%d %H:%M:%S} UTC" if frame.missing_since else ""
+        return f"raw file missing{since} (deleted or moved out of the raw tree)"
     if frame.status != "ok":
         return f"ingestion {frame.status or 'incomplete'}: {frame.error or 'no reason recorded'}"
     if frame.calib_type in ("dark", "flat") and not (frame.exposure_time or 0) > 0:

@@ -12,28 +12,45 @@ How inotify really behaves, and what this watcher does about it:
 * Temporary names (dot-files, ``*.tmp``, ``*.part``, rsync's ``.name.XXXXXX``) are ignored;
   symlinked directories are not followed.
 
+Files that move or vanish (reported to a :class:`FileTracker`, the ingestor):
+
+* ``MOVED_FROM`` and ``MOVED_TO`` with the same cookie are one rename within the tree: the
+  document (or, for a directory, every document below it) moves to the new name.  A
+  ``MOVED_FROM`` left unpaired for ``_PAIR_S`` was a move out of the tree: treated as deleted.
+* ``DELETE`` marks the file's document missing; every scan also compares the tree with the
+  database (documents whose file is gone are marked missing).
+* The root itself moved, deleted or replaced (``MOVE_SELF``/``DELETE_SELF``/``IGNORED`` on its
+  watch, or the configured path no longer naming the watched directory, checked every
+  ``_ROOT_CHECK_S``: a renamed parent gives no event): watching stops, the configured path
+  is polled every ``_ROOT_POLL_S`` until a directory is there again, and watching restarts
+  with a full reconciliation scan.
+
 Scanned files may still be being written; the ingestor decides (see ``FileSource.SCAN``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import stat
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from asyncinotify import Inotify, Mask
 
 from huntsman.config import WatcherConfig
 from huntsman.models import FileSource, IngestRequest, utcnow
 
-__all__ = ["DirectoryWatcher", "is_candidate"]
+__all__ = ["DirectoryWatcher", "FileTracker", "is_candidate"]
 
 _DIR_MASK = (
     Mask.CLOSE_WRITE
     | Mask.MOVED_TO
+    | Mask.MOVED_FROM
     | Mask.CREATE
+    | Mask.DELETE
     | Mask.DELETE_SELF
     | Mask.MOVE_SELF
     | Mask.ONLYDIR
@@ -41,7 +58,30 @@ _DIR_MASK = (
 )
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".swp", "~")
 
+_ROOT_LOST = Mask.MOVE_SELF | Mask.DELETE_SELF | Mask.IGNORED
+# The kernel queues the two halves of a rename next to each other; this is ample.
+_PAIR_S = 0.5
+# How often a lost raw root is looked for at the configured path.
+_ROOT_POLL_S = 0.5
+# How often the configured path is checked to still be the watched directory (a parent renamed
+# or a mount changed gives the root's own watch no event).
+_ROOT_CHECK_S = 2.0
+
 Submit = Callable[[IngestRequest], Awaitable[None]]
+
+
+class FileTracker(Protocol):
+    """What the watcher reports besides new files: renames and disappearances."""
+
+    async def file_moved(self, old: str, new: str) -> bool: ...
+    async def tree_moved(self, old_dir: str, new_dir: str) -> int: ...
+    async def file_gone(self, path: str) -> None: ...
+    async def tree_gone(self, directory: str) -> None: ...
+    async def reconcile(self, top: str, present: set[str]) -> None: ...
+
+
+class _RootLost(Exception):
+    """The raw root's own watch reported it moved, deleted or gone."""
 
 
 def is_candidate(name: str, extensions: Iterable[str]) -> bool:
@@ -52,19 +92,43 @@ def is_candidate(name: str, extensions: Iterable[str]) -> bool:
     return any(lower.endswith(ext.lower()) for ext in extensions)
 
 
+def _complete_on_create(path: str) -> bool:
+    """A symlink or a new hard link is complete as soon as it exists: it gets no CLOSE_WRITE."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1)
+
+
 class DirectoryWatcher:
     """Feeds every completed FITS file under ``root`` to ``submit``."""
 
-    def __init__(self, root: Path, submit: Submit, config: WatcherConfig, log: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        submit: Submit,
+        config: WatcherConfig,
+        log: Any,
+        tracker: FileTracker | None = None,
+    ) -> None:
         self.root = Path(root).resolve()
         self._submit = submit
         self._config = config
         self._log = log.bind(component="watcher")
+        self._tracker = tracker
         self._inotify: Inotify | None = None
+        self._root_wd: int | None = None
+        # MOVED_FROM halves waiting for their MOVED_TO: cookie -> (path, is_dir, time)
+        self._moves: dict[int, tuple[Path, bool, float]] = {}
+        self._moves_waiting = asyncio.Event()
+        self._busy = False  # handling an event (possibly waiting on a full ingest queue)
+        self._idle_since = 0.0
         self.ready = asyncio.Event()
         self.scans = 0
         self.overflows = 0
         self.events = 0
+        self.root_restarts = 0
 
     # -- scanning -----------------------------------------------------------------------
     def _watch_and_list(self, top: Path) -> list[str]:
@@ -102,6 +166,7 @@ class DirectoryWatcher:
         """Watch and scan a tree; submit every candidate file found."""
         files = await asyncio.to_thread(self._watch_and_list, top)
         seen = utcnow()
+        await self._track("reconcile", str(top), set(files))
         for path in files:
             await self._submit(IngestRequest(path, seen, source))
         self.scans += 1
@@ -109,6 +174,19 @@ class DirectoryWatcher:
         return len(files)
 
     # -- events -------------------------------------------------------------------------
+    async def _track(self, what: str, *args: Any) -> None:
+        """Report to the tracker; a failure (the database away) is logged, never fatal: the
+        next scan compares the tree with the database again."""
+        if self._tracker is None:
+            return
+        try:
+            await getattr(self._tracker, what)(*args)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._log.warning("file_tracking_failed", action=what, args=[str(a) for a in args[:2]],
+                              error=f"{type(exc).__name__}: {exc}")
+
     async def _handle(self, event: Any) -> None:
         mask = event.mask
         if Mask.Q_OVERFLOW in mask:
@@ -116,21 +194,83 @@ class DirectoryWatcher:
             self._log.warning("inotify_overflow", overflows=self.overflows)
             await self.scan(self.root)
             return
+        watch = event.watch
+        if watch is not None and watch.wd == self._root_wd and mask & _ROOT_LOST:
+            raise _RootLost("moved" if Mask.MOVE_SELF in mask else
+                            "deleted" if Mask.DELETE_SELF in mask else "unwatched")
         path = event.path
         if path is None or event.name is None:
             return
-        if Mask.ISDIR in mask:
-            if mask & (Mask.CREATE | Mask.MOVED_TO):
+        is_dir = Mask.ISDIR in mask
+        if Mask.MOVED_FROM in mask:
+            if is_dir or is_candidate(str(event.name), self._config.extensions):
+                self._moves[event.cookie] = (Path(path), is_dir, asyncio.get_running_loop().time())
+                self._moves_waiting.set()
+            return
+        if Mask.MOVED_TO in mask:
+            await self._moved_to(event.cookie, Path(path), is_dir)
+            return
+        if is_dir:
+            if Mask.CREATE in mask:
                 await self.scan(Path(path))
+            elif Mask.DELETE in mask:
+                await self._track("tree_gone", str(path))
             return
         name = str(event.name)
         if not is_candidate(name, self._config.extensions):
             return
-        if mask & (Mask.CLOSE_WRITE | Mask.MOVED_TO):
+        if Mask.CLOSE_WRITE in mask:
             await self._submit(IngestRequest(str(path), utcnow(), FileSource.EVENT))
-        elif Mask.CREATE in mask and await asyncio.to_thread(os.path.islink, path):
-            # A symlink is complete as soon as it exists: it gets no CLOSE_WRITE.
+        elif Mask.DELETE in mask:
+            await self._track("file_gone", str(path))
+        elif Mask.CREATE in mask and await asyncio.to_thread(_complete_on_create, path):
             await self._submit(IngestRequest(str(path), utcnow(), FileSource.EVENT))
+
+    async def _moved_to(self, cookie: int, path: Path, is_dir: bool) -> None:
+        origin = self._moves.pop(cookie, None)
+        if is_dir:
+            if origin is not None and origin[1]:
+                await self._track("tree_moved", str(origin[0]), str(path))
+            await self.scan(path)  # also corrects the watch paths below the moved directory
+            return
+        if origin is not None:
+            if is_candidate(path.name, self._config.extensions):
+                await self._track("file_moved", str(origin[0]), str(path))
+            else:  # renamed to a name that is not ingested: gone as far as the tree goes
+                await self._track("file_gone", str(origin[0]))
+        if is_candidate(path.name, self._config.extensions):
+            await self._submit(IngestRequest(str(path), utcnow(), FileSource.EVENT))
+
+    async def _expire_moves(self) -> None:
+        """A ``MOVED_FROM`` without its ``MOVED_TO``: moved out of the tree, so gone.
+
+        The time only runs while the watcher is free to read events: one held up by a full
+        ingest queue has not yet read the ``MOVED_TO`` that may be waiting for it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._moves_waiting.wait()
+            await asyncio.sleep(_PAIR_S)
+            now = loop.time()
+            for cookie, (path, is_dir, when) in list(self._moves.items()):
+                if self._busy or now - max(when, self._idle_since) < _PAIR_S:
+                    continue
+                if self._moves.pop(cookie, None) is None:
+                    continue
+                if is_dir:
+                    self._forget_watches(path)
+                    await self._track("tree_gone", str(path))
+                else:
+                    await self._track("file_gone", str(path))
+            if not self._moves:
+                self._moves_waiting.clear()
+
+    def _forget_watches(self, directory: Path) -> None:
+        """Drop the watches of a tree that left the raw root (its events are not ours)."""
+        assert self._inotify is not None
+        for watch in self._inotify.watches:
+            if watch.path == directory or watch.path.is_relative_to(directory):
+                with contextlib.suppress(OSError):
+                    self._inotify.rm_watch(watch)
 
     async def _periodic_rescan(self) -> None:
         while True:
@@ -138,15 +278,78 @@ class DirectoryWatcher:
             await self.scan(self.root)
 
     async def run(self) -> None:
-        """Watch until cancelled; the start-up scan reconciles the tree with the database."""
+        """Watch until cancelled; the start-up scan reconciles the tree with the database.
+
+        If the root goes (moved, deleted, replaced), watching restarts on the configured path
+        as soon as a directory is there again."""
         self.root.mkdir(parents=True, exist_ok=True)
+        while True:
+            reason = await self._watch()
+            self.root_restarts += 1
+            self._log.warning("raw_root_lost", root=str(self.root), reason=reason)
+            await self._wait_for_root()
+            self._log.info("raw_root_back", root=str(self.root), restarts=self.root_restarts)
+
+    async def _wait_for_root(self) -> None:
+        polls = 0
+        while not await asyncio.to_thread(self.root.is_dir):
+            polls += 1
+            if polls % int(60 / _ROOT_POLL_S) == 0:
+                self._log.warning("raw_root_absent", root=str(self.root), waited_s=polls * _ROOT_POLL_S)
+            await asyncio.sleep(_ROOT_POLL_S)
+
+    async def _watch(self) -> str:
+        """Watch the tree until its root is lost; returns why."""
         with Inotify() as inotify:
             self._inotify = inotify
+            self._moves.clear()
+            try:
+                root_watch = await asyncio.to_thread(inotify.add_watch, self.root, _DIR_MASK)
+                st = await asyncio.to_thread(os.stat, self.root)
+            except OSError as exc:
+                return f"cannot watch: {exc.strerror}"
+            self._root_wd = root_watch.wd
             await self.scan(self.root, FileSource.RECONCILE)
             self.ready.set()
-            self._log.info("watcher_started", root=str(self.root), watches=len(inotify._watches))
+            self._log.info("watcher_started", root=str(self.root), watches=len(inotify.watches))
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._periodic_rescan(), name="watcher-rescan")
-                async for event in inotify:
-                    self.events += 1
-                    await self._handle(event)
+                reader = group.create_task(self._read_events(inotify), name="watcher-events")
+                guard = group.create_task(self._guard_root((st.st_dev, st.st_ino)), name="watcher-root")
+                others = [
+                    group.create_task(self._periodic_rescan(), name="watcher-rescan"),
+                    group.create_task(self._expire_moves(), name="watcher-moves"),
+                ]
+                try:
+                    done, _ = await asyncio.wait({reader, guard}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (reader, guard, *others):
+                        task.cancel()
+                return done.pop().result()
+
+    async def _read_events(self, inotify: Inotify) -> str:
+        """Handle events until the root's own watch reports it lost; returns why."""
+        loop = asyncio.get_running_loop()
+        async for event in inotify:
+            self.events += 1
+            self._busy = True
+            try:
+                await self._handle(event)
+            except _RootLost as lost:
+                return str(lost)
+            finally:
+                self._busy, self._idle_since = False, loop.time()
+        raise AssertionError("inotify stopped yielding events")  # pragma: no cover
+
+    async def _guard_root(self, watched: tuple[int, int]) -> str:
+        """Returns once the configured path no longer names the watched directory."""
+        while True:
+            await asyncio.sleep(_ROOT_CHECK_S)
+            try:
+                st = await asyncio.to_thread(os.stat, self.root)
+            except FileNotFoundError:
+                return "gone"
+            except OSError as exc:
+                self._log.warning("raw_root_unreadable", root=str(self.root), error=exc.strerror)
+                continue
+            if (st.st_dev, st.st_ino) != watched:
+                return "replaced"
