@@ -264,6 +264,9 @@ async def test_cli_waits_for_the_owner_instead_of_starting_a_database(tmp_path: 
             assert await asyncio.wait_for(waiting, 10) == server.uri
             assert [p.pid for p in servers_on(storage)] == [server.pid]
         finally:
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await waiting
             await server.stop()
     finally:
         owner.release()
