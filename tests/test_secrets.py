@@ -75,6 +75,7 @@ def test_start_up_log_and_error_texts_are_redacted(tmp_path: Path) -> None:
     env = python_env(
         HUNTSMAN_MONGODB_URI=URI.format(port=1), HUNTSMAN_VAR_DIR=str(tmp_path / "var"),
         HUNTSMAN_LOGGING__FORMAT="json", HUNTSMAN_DATABASE__SERVER_SELECTION_TIMEOUT_S="0.5",
+        HUNTSMAN_LOGGING__LEVEL="DEBUG",  # the full configuration is logged at debug level
     )
     proc = subprocess.run([PYTHON, "-m", "huntsman", "run"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=90)
@@ -82,10 +83,11 @@ def test_start_up_log_and_error_texts_are_redacted(tmp_path: Path) -> None:
     _no_secret(proc.stdout + proc.stderr)
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     starting = [e for e in events if e.get("event") == "service_starting"]
-    assert starting, proc.stdout[:2000]
-    uri = starting[0]["config"]["database"]["uri"]
-    assert uri.startswith("mongodb://huntuser:***@127.0.0.1:1/")
-    assert "tlsCertificateKeyFilePassword=***" in uri
+    dumped = [e for e in events if e.get("event") == "service_config"]
+    assert starting and dumped, proc.stdout[:2000]
+    for uri in (starting[0]["database_uri"], dumped[0]["config"]["database"]["uri"]):
+        assert uri.startswith("mongodb://huntuser:***@127.0.0.1:1/")
+        assert "tlsCertificateKeyFilePassword=***" in uri
 
 
 def test_log_lines_are_redacted_by_the_configured_logger() -> None:
