@@ -29,7 +29,7 @@ from huntsman.science.offline import configure_offline_astropy
 from huntsman.science.paths import private_dir
 from huntsman.service_config import write_service_config
 from huntsman.services.calib import CalibService
-from huntsman.services.disk import DiskMonitor, watched_paths
+from huntsman.services.disk import DATABASE, DiskMonitor, watched_paths
 from huntsman.services.http import StatusServer
 from huntsman.services.ingestor import FileIngestor
 from huntsman.services.quality import QualityMonitor
@@ -156,6 +156,7 @@ class Application:
         self.monitor = DatabaseMonitor(
             database, config.database, log, on_recovered=self._reconcile_wanted.set,
             on_lost=self._database_lost,
+            may_restart=lambda: not self.disk.low((DATABASE,)),
         )
 
     def _database_lost(self, reason: str) -> None:

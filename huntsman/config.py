@@ -79,6 +79,9 @@ class EmbeddedConfig(_Section):
         5, ge=0, description="restarts of a dead server, without a stable one between, before exit"
     )
     restart_backoff_s: float = Field(0.5, ge=0, description="first restart delay, doubled each try")
+    unhealthy_restart_s: float = Field(
+        20.0, ge=0, description="a running server failing health checks this long is restarted; 0: never"
+    )
 
 
 class DatabaseConfig(_Section):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pymongo.errors import PyMongoError
 from structlog.testing import capture_logs
 
 from huntsman.app import make_calib_service, make_pool
@@ -231,6 +232,68 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
     refused = [e for e in logs if e["event"] in ("ingest_write_waiting", "heartbeat_failed")]
     print(f"writes refused by the database while full: {len(refused)}",
           sorted({str(e.get("error"))[:120] for e in refused}))
+
+
+async def test_database_broken_by_a_full_disk_is_restarted_and_every_file_ends_ok(
+    tmp_path: Path, var_fs: Path, db_name: str
+) -> None:
+    """The disk filled to the last byte faster than the watch could pause the writers (the gate
+    is off here): the embedded server's storage breaks (``internal server error`` on every read
+    and write, while ``ping`` still answers, even after space returns). The service sees it in
+    its health check, restarts the server once the disk has room, and reconciles: every file
+    ends ``ok`` without a manual restart."""
+    config = make_config(
+        tmp_path,
+        "embedded",
+        db_name,
+        var_dir=var_fs,
+        raw_dir=tmp_path / "raw",
+        database__embedded__port=0,
+        database__embedded__unhealthy_restart_s=2,
+        database__monitor_interval_s=0.2,
+        database__server_selection_timeout_s=2,
+        disk__min_free_mb=0,  # no gate: something else filled the disk between two checks
+        astrometry__enabled="false",
+        calib__enabled="false",
+        qc__enabled="false",
+        report__auto="false",
+    )
+    names = ("bias_0", "dark_0", "flat_0", "science_0")
+    with capture_logs() as logs:
+        handle = await ServiceHandle(config).start()
+        app = handle.app
+        try:
+            before = [copy_sample(n, handle.raw / "before", f"{n}.fits") for n in names]
+
+            async def ingested(paths: list[Path]) -> bool:
+                try:
+                    docs = await app.database.exposures.count(
+                        {"filename": {"$in": [str(p) for p in paths]}, "ingest.status": "ok"}
+                    )
+                except PyMongoError:  # the broken server refuses reads too
+                    return False
+                return docs == len(paths)
+
+            await wait_for(lambda: ingested(before), 60)
+            ballast = var_fs / "ballast"
+            await asyncio.to_thread(fill, ballast)
+            during = [copy_sample(n, handle.raw / "during", f"{n}_{i}.fits") for i in range(3) for n in names]
+
+            def seen(event: str) -> bool:
+                return any(e["event"] == event for e in logs)
+
+            await wait_for(lambda: _true(seen("embedded_server_unhealthy")), 60, 0.2)
+            await asyncio.to_thread(ballast.unlink)
+            await wait_for(lambda: ingested(before + during), 120, 0.2)
+            assert await app.database.exposures.count({}) == len(before) + len(during)
+            # (the documents can be written while the restart is still confirming the server)
+            await wait_for(lambda: _true(app.monitor.restarts >= 1), 30)
+        finally:
+            await handle.shutdown()
+    unhealthy = [e for e in logs if e["event"] == "embedded_server_unhealthy"]
+    assert "internal server error" in unhealthy[0]["error"], unhealthy[0]
+    assert any(e["event"] == "embedded_server_restarted" for e in logs)
+    assert any(e["event"] == "reconciled_after_outage" for e in logs)
 
 
 async def test_write_error_is_recorded_with_the_real_reason_and_gate_waits(

@@ -210,11 +210,11 @@ class StatusServer:
 
     async def _database_health(self) -> str:
         try:
-            await asyncio.wait_for(self.database.ping(), self.config.db_timeout_s)
+            await asyncio.wait_for(self.database.check(), self.config.db_timeout_s)
         except TimeoutError:
-            return f"database did not answer ping within {self.config.db_timeout_s:g} s"
+            return f"database did not answer within {self.config.db_timeout_s:g} s"
         except Exception as exc:
-            return f"database ping failed: {type(exc).__name__}: {exc}"[:300]
+            return f"database check failed: {type(exc).__name__}: {exc}"[:300]
         return "ok"
 
     async def _pool_health(self, cache_s: float = 5.0) -> str:

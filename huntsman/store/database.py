@@ -89,6 +89,17 @@ class Database:
         await self.client.admin.command("ping")
         return True
 
+    async def check(self) -> None:
+        """Raise unless the database answers *and* can read its storage.
+
+        ``ping`` alone is not enough: after its disk filled up, the embedded server answers
+        ``ping`` while every read and write fails with ``internal server error`` (measured with
+        SecantusDB) until it is restarted.  One indexed read of the small heartbeat collection
+        shows a broken storage engine.
+        """
+        await self.client.admin.command("ping")
+        await self.services.collection.find_one({}, projection={"_id": 1})
+
     async def close(self, timeout_s: float | None = None) -> None:
         """Close the client; with ``timeout_s``, give up waiting on a hung server after it."""
         # On timeout the process is exiting anyway: the sockets close with it.
@@ -152,6 +163,7 @@ class DatabaseMonitor:
         *,
         on_recovered: Callable[[], None],
         on_lost: Callable[[str], None],
+        may_restart: Callable[[], bool] = lambda: True,
     ) -> None:
         self.database = database
         self.server = database.server
@@ -159,11 +171,13 @@ class DatabaseMonitor:
         self.log = log.bind(component="database_monitor")
         self.on_recovered = on_recovered
         self.on_lost = on_lost
+        self.may_restart = may_restart
         self.restarts = 0
         self.outages = 0
         self._attempts = 0
         self._up_since = time.monotonic()
         self._outage_since: float | None = None
+        self._last_error = ""
 
     def state(self) -> dict[str, Any]:
         return {"restarts": self.restarts, "outages": self.outages,
@@ -181,7 +195,7 @@ class DatabaseMonitor:
                 continue
             if self.server is None:
                 await asyncio.sleep(interval)
-            if await self._ping():
+            if await self._healthy():
                 if time.monotonic() - self._up_since > self.STABLE_S:
                     self._attempts = 0
                 if self._outage_since is not None:
@@ -198,6 +212,11 @@ class DatabaseMonitor:
             elif now - self._outage_since > self.config.max_outage_s:
                 self._lost(f"database unreachable for more than {self.config.max_outage_s:g} s")
                 return
+            elif self._unhealthy_server(now):
+                self.log.error("embedded_server_unhealthy", error=self._last_error,
+                               unhealthy_s=round(now - self._outage_since, 1))
+                if not await self._restart():
+                    return
 
     async def _died(self, interval_s: float) -> bool:
         """Wait up to ``interval_s`` for the embedded child to exit; whether it did."""
@@ -211,14 +230,28 @@ class DatabaseMonitor:
         self.log.error("embedded_server_died", returncode=code, pid=self.server.pid)
         return True
 
-    async def _ping(self) -> bool:
+    async def _healthy(self) -> bool:
         try:
-            await asyncio.wait_for(
-                self.database.client.admin.command("ping"), self.config.server_selection_timeout_s
-            )
-        except (TimeoutError, PyMongoError):
+            await asyncio.wait_for(self.database.check(), self.config.server_selection_timeout_s)
+        except TimeoutError:
+            self._last_error = "no answer within the server selection timeout"
+            return False
+        except PyMongoError as exc:
+            self._last_error = short_error(exc)
             return False
         return True
+
+    def _unhealthy_server(self, now: float) -> bool:
+        """An embedded child that runs but has not answered health checks for too long.
+
+        It is restarted (a hung or broken server never heals by itself: e.g. after ``ENOSPC``
+        its storage engine refuses everything until a restart), but not while its disk is still
+        full, where a restart would fail the same way.
+        """
+        if self.server is None or self._outage_since is None:
+            return False
+        limit = self.config.embedded.unhealthy_restart_s
+        return limit > 0 and now - self._outage_since > limit and self.may_restart()
 
     async def _restart(self) -> bool:
         """Restart the embedded server with back-off; ``False`` once the bound is passed."""
