@@ -64,8 +64,11 @@ class PidLock:
                     if time.monotonic() >= deadline:
                         raise LockHeld(self.path, _read_pid(fd)) from None
                     time.sleep(0.05)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:  # the PID is for messages only; a full disk must not cost the lock
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass
         except BaseException:
             os.close(fd)
             raise
@@ -97,8 +100,10 @@ def holder(path: Path) -> int | None:
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
+    except FileNotFoundError:
         return None
+    except OSError:  # e.g. another user's owner-only directory: held, owner unknown, never "free"
+        return 0
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

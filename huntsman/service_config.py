@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from huntsman import __version__
-from huntsman.config import Config, ConfigError
+from huntsman.config import REDACTED, Config, ConfigError, redact_uri
 from huntsman.models import utcnow
 
 __all__ = [
@@ -123,8 +123,16 @@ class ServiceConfigFile:
         database = data.setdefault("database", {})
         stored_uri = database.get("uri", "embedded")
         if stored_uri != "embedded" and own.database.uri != "embedded":
-            database["uri"] = own.database.uri
-        # else: the embedded server, or the stored URI (complete unless it carried a secret)
+            if redact_uri(own.database.uri) == stored_uri:
+                database["uri"] = own.database.uri  # the same server, with its secrets
+            elif REDACTED in stored_uri:
+                raise ConfigError(
+                    f"the service uses the database {stored_uri}, this command's configuration "
+                    f"names {redact_uri(own.database.uri)}; give --config to use your own, or set "
+                    "HUNTSMAN_MONGODB_URI to the service's"
+                )
+            # else: the stored URI is complete (it had no secret): use the service's database
+        # else: the embedded server, found through its server.json
         database["server_selection_timeout_s"] = own.database.server_selection_timeout_s
         data["logging"] = own.logging.model_dump(mode="json")
         try:

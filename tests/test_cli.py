@@ -184,6 +184,26 @@ def test_conflicts_are_only_data_settings(tmp_path: Path, mongo_uri: str) -> Non
     assert config_differences(other, service.redacted()) == ["database.name", "qc.refcat_path"]
 
 
+def test_a_tool_never_silently_uses_another_external_database(tmp_path: Path) -> None:
+    from huntsman.config import ConfigError
+    from huntsman.service_config import read_service_config, write_service_config
+
+    service = make_config(tmp_path, "mongodb://hunt:S3cret@db1.example:27017/", "night")
+    write_service_config(service)
+    stored = read_service_config(service)
+    assert stored is not None
+    # The same server, with the password the stored (redacted) URI lacks: used.
+    same = make_config(tmp_path, "mongodb://hunt:S3cret@db1.example:27017/", "night")
+    assert stored.to_config(same).database.uri == "mongodb://hunt:S3cret@db1.example:27017/"
+    # Another server: refused with one line naming both (redacted), never used silently.
+    other = make_config(tmp_path, "mongodb://hunt:Other@db2.example:27017/", "night")
+    with pytest.raises(ConfigError) as info:
+        stored.to_config(other)
+    text = str(info.value)
+    assert "db1.example" in text and "db2.example" in text and "\n" not in text
+    assert "S3cret" not in text and "Other" not in text
+
+
 # -- arguments --------------------------------------------------------------------------------
 
 BAD_ARGUMENTS = [

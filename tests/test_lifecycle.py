@@ -28,7 +28,7 @@ from huntsman.cli import EXIT_ALREADY_RUNNING
 from huntsman.config import load_config
 from huntsman.lock import SERVICE_LOCK, LockHeld, PidLock, holder
 from huntsman.logs import get_logger
-from huntsman.store.database import connect, open_database, retry_writes
+from huntsman.store.database import DatabaseMonitor, connect, open_database, retry_writes
 from huntsman.store.embedded import (
     EMBEDDED_LOCK,
     STATE_FILE,
@@ -462,6 +462,38 @@ async def test_external_database_outage_past_the_bound_exits_non_zero(
         assert code == 1
         assert time.monotonic() - started < 1.5 + config.shutdown_budget_s() + 3
     finally:
+        await external.stop()
+
+
+async def test_outage_clock_stops_while_the_database_disk_is_full(tmp_path: Path, db_name: str) -> None:
+    """A database away because its disk is full is the disk watch's to report: the service waits
+    (writers are paused) instead of exiting after max_outage_s; once the disk has room the
+    clock runs again."""
+    external = EmbeddedServer(tmp_path / "external", port=0)
+    uri = await external.start()
+    config = load_config(CONFIG, environ={
+        "HUNTSMAN_VAR_DIR": str(tmp_path / "var"), "HUNTSMAN_MONGODB_URI": uri,
+        "HUNTSMAN_DATABASE__NAME": db_name, "HUNTSMAN_DATABASE__MONITOR_INTERVAL_S": "0.1",
+        "HUNTSMAN_DATABASE__SERVER_SELECTION_TIMEOUT_S": "0.3", "HUNTSMAN_DATABASE__MAX_OUTAGE_S": "0.5",
+    }, root=tmp_path)
+    disk_full = True
+    lost: list[str] = []
+    database = connect(uri, db_name, 0.3)
+    monitor = DatabaseMonitor(database, config.database, get_logger(), on_recovered=lambda: None,
+                              on_lost=lost.append, may_restart=lambda: not disk_full)
+    task = asyncio.create_task(monitor.run())
+    try:
+        await external.stop()
+        await asyncio.sleep(2.0)  # four times max_outage_s, all of it with the disk full
+        assert lost == [] and not task.done()
+        disk_full = False
+        await asyncio.wait_for(task, 5)
+        assert lost and "unreachable for more than 0.5 s" in lost[0]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await database.close(1.0)
         await external.stop()
 
 

@@ -43,7 +43,7 @@ from huntsman.services.disk import MASTERS, DiskMonitor
 from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument, Unit, calib_date_of
 from huntsman.store.exposures import ExposureCollection
 from huntsman.workers.calib import CalibJob, build_calib_master
-from huntsman.workers.pool import ComputePool
+from huntsman.workers.pool import ComputePool, JobFailed
 
 __all__ = ["CalibService", "MasterListener", "PassSummary", "master_path"]
 
@@ -357,8 +357,10 @@ class CalibService:
                 build_calib_master, job, timeout_s=self.config.job_timeout_s
             )
         except Exception as exc:
-            log.error("master_failed", error=f"{type(exc).__name__}: {exc}", n_frames=len(group.frames))
-            raise _GroupFailed(f"build failed: {type(exc).__name__}: {exc}") from None
+            # A job that raised in the worker already says "<type>: <message>".
+            error = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
+            log.error("master_failed", error=error, n_frames=len(group.frames))
+            raise _GroupFailed(f"build failed: {error}") from None
         duration = time.perf_counter() - start
         doc = self._document(group, masters, plan, result, version_of(out), duration)
         await self.calibs.insert(doc)

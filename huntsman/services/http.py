@@ -45,6 +45,9 @@ _MAX_REQUEST = 8192
 _BACKLOG = 1024  # a burst of connections is queued by the kernel, not refused with a SYN retry
 _READ_TIMEOUT_S = 5.0
 _REFUSED_CLOSE_S = 1.0
+# Refused connections kept open (answered, awaiting their close) at most: past this a refused
+# client is reset at once, so a flood cannot exhaust the service's file descriptors.
+_MAX_CLOSING = 256
 _NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(png|html)$")
 _QUANTILES = (0.5, 0.9, 0.99)
@@ -158,6 +161,7 @@ class StatusServer:
         self.requests = 0
         self.active = 0  # requests being served now
         self.refused = 0  # answered 503 at once because max_concurrent_requests were active
+        self._closing = 0  # refused connections answered and waiting for their close
         self.renders = 0  # pages and metrics actually rendered (the others came from the cache)
         self._cache: dict[str, tuple[float, asyncio.Task[str]]] = {}
 
@@ -296,6 +300,9 @@ class StatusServer:
         """
         self.refused += 1
         transport = writer.transport
+        if self._closing >= _MAX_CLOSING:
+            transport.abort()  # a client that retries at once: no descriptor kept for it
+            return
         try:
             transport.write(_BUSY)
             if transport.can_write_eof():
@@ -303,7 +310,12 @@ class StatusServer:
         except (ConnectionError, OSError, RuntimeError):
             transport.abort()
             return
-        asyncio.get_running_loop().call_later(_REFUSED_CLOSE_S, transport.close)
+        self._closing += 1
+        asyncio.get_running_loop().call_later(_REFUSED_CLOSE_S, self._close_refused, transport)
+
+    def _close_refused(self, transport: asyncio.BaseTransport) -> None:
+        self._closing -= 1
+        transport.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         plain = "text/plain; charset=utf-8"

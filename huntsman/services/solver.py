@@ -22,7 +22,7 @@ from huntsman.science.wcs_writer import cleanup_temp_files
 from huntsman.services.disk import SOLVER, DiskMonitor
 from huntsman.services.tasks import raise_if_cancelling
 from huntsman.store.exposures import ExposureCollection
-from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
+from huntsman.workers.pool import ComputePool, JobFailed, JobTimeout, PoolBroken
 from huntsman.workers.solve import SolveJob, SolveOutcome, solve_file
 
 __all__ = ["PlateSolver", "WcsListener"]
@@ -182,7 +182,7 @@ class PlateSolver:
                 solve_file, filename, job, timeout_s=self.config.timeout_s + 30
             )
             error = outcome.error if outcome is not None else "no outcome"
-        except (JobTimeout, PoolBroken) as exc:
+        except (JobTimeout, PoolBroken, JobFailed) as exc:
             outcome, error = None, str(exc)
         now = utcnow()
         update: dict[str, Any] = {"timing.solved": now}

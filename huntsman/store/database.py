@@ -205,6 +205,10 @@ class DatabaseMonitor:
                     self.on_recovered()
                 continue
             now = time.monotonic()
+            if self._outage_since is not None and not self.may_restart():
+                # Its disk is full: that is the disk watch's to report, and writers wait for it.
+                # The outage clock (exit, restart) runs only while the disk has room.
+                self._outage_since = now
             if self._outage_since is None:
                 self._outage_since = now
                 self.outages += 1
@@ -285,13 +289,24 @@ class DatabaseMonitor:
         self.on_lost(reason)
 
 
-def connect(uri: str, name: str, server_selection_timeout_s: float = 5.0) -> Database:
+# Command-line tools: no single database answer may take longer (a hung server must not hang a
+# monitoring ``check`` for ever); generous, as one aggregation over a large archive is one answer.
+CLI_SOCKET_TIMEOUT_S = 120.0
+
+
+def connect(
+    uri: str, name: str, server_selection_timeout_s: float = 5.0, socket_timeout_s: float | None = None
+) -> Database:
+    options: dict[str, Any] = {}
+    if socket_timeout_s is not None:
+        options["socketTimeoutMS"] = int(socket_timeout_s * 1000)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         uri,
         tz_aware=True,
         tzinfo=dt.UTC,
         serverSelectionTimeoutMS=int(server_selection_timeout_s * 1000),
         appname="huntsman",
+        **options,
     )
     return Database(client, name)
 
@@ -343,7 +358,10 @@ async def open_database(
             raise
         log.info("embedded_server_started", port=server.port, pid=server.pid,
                  storage=str(server.data_dir))
-    database = connect(uri, config.name, config.server_selection_timeout_s)
+    database = connect(
+        uri, config.name, config.server_selection_timeout_s,
+        socket_timeout_s=CLI_SOCKET_TIMEOUT_S if reuse_running else None,
+    )
     database.server = server
     try:
         await database.ping()

@@ -240,6 +240,14 @@ class EmbeddedServer:
         return await self._launch(port)
 
     async def _launch(self, port: int) -> str:
+        """Start the child and wait for it; any OS error (full disk, no descriptors) is a start
+        failure the supervisor retries, never an exception that stops it."""
+        try:
+            return await self._spawn(port)
+        except OSError as exc:
+            raise EmbeddedServerError(f"cannot start the embedded server: {exc}") from exc
+
+    async def _spawn(self, port: int) -> str:
         storage = ":memory:" if self.memory else str(self.data_dir)
         cmd = [*server_command(), "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--storage-path", storage, "--log-level", "WARNING"]

@@ -51,6 +51,18 @@ class JobFailed(Exception):
 _FORKSERVER_PRELOAD = ["huntsman.workers.forkserver_init"]
 
 
+def ignore_group_signals() -> None:
+    """Signals sent to the whole process group are the service's to act on, not a worker's.
+
+    supervisord stops the group (``stopasgroup``) and a terminal hang-up reaches the whole
+    foreground group: a worker that died of it would fail its file with "a worker process died"
+    during the drain.  Workers still never outlive the service (:mod:`huntsman.workers.lifeline`),
+    and the pool ends them with SIGKILL.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def worker_init(
     log_level: str, log_format: str, service_pid: int = 0, memory_mb: int = 0
 ) -> None:
@@ -67,7 +79,7 @@ def worker_init(
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
     limit_memory(memory_mb)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_group_signals()
     configure_logging(log_level, log_format, process=f"worker-{os.getpid()}")  # type: ignore[arg-type]
     from huntsman.science.offline import configure_offline_astropy
 
