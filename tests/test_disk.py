@@ -286,8 +286,10 @@ async def test_database_broken_by_a_full_disk_is_restarted_and_every_file_ends_o
             await asyncio.to_thread(ballast.unlink)
             await wait_for(lambda: ingested(before + during), 120, 0.2)
             assert await app.database.exposures.count({}) == len(before) + len(during)
-            # (the documents can be written while the restart is still confirming the server)
+            # (the documents can be written while the restart is still confirming the server,
+            # before the reconciliation that follows it)
             await wait_for(lambda: _true(app.monitor.restarts >= 1), 30)
+            await wait_for(lambda: _true(seen("reconciled_after_outage")), 30)
         finally:
             await handle.shutdown()
     unhealthy = [e for e in logs if e["event"] == "embedded_server_unhealthy"]

@@ -149,6 +149,9 @@ async def test_corrupt_tile_and_huge_header_get_failed_documents(
     for n, status in ((2, "failed"), (3, "quarantined")):
         await ingestor.submit(IngestRequest(str(tile), utcnow(), FileSource.RECONCILE))
         await wait_for(functools.partial(_tries_at_least, database, tile, n), 30)
+        # The document is written before the ingestor lets the file go: a request for a file
+        # still in hand is (rightly) dropped, so wait until it is done with it.
+        await wait_for(lambda: _idle(ingestor), 30)
         assert await tries() == (n, status)
     await ingestor.submit(IngestRequest(str(tile), utcnow(), FileSource.RECONCILE))
     await wait_for(lambda: _idle(ingestor), 30)
