@@ -23,6 +23,7 @@ import html
 import math
 import os
 import re
+import resource
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -45,9 +46,11 @@ _MAX_REQUEST = 8192
 _BACKLOG = 1024  # a burst of connections is queued by the kernel, not refused with a SYN retry
 _READ_TIMEOUT_S = 5.0
 _REFUSED_CLOSE_S = 1.0
-# Refused connections kept open (answered, awaiting their close) at most: past this a refused
-# client is reset at once, so a flood cannot exhaust the service's file descriptors.
-_MAX_CLOSING = 256
+# Refused connections kept open (answered, awaiting their close) at most a quarter of the file
+# descriptors the process may have: past that a refused client is reset at once, so a flood
+# cannot exhaust the descriptors the database connections and the workers need.
+_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+_MAX_CLOSING = max(64, (_NOFILE if 0 < _NOFILE < 1 << 20 else 1 << 20) // 4)
 _NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(png|html)$")
 _QUANTILES = (0.5, 0.9, 0.99)
