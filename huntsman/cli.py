@@ -215,13 +215,10 @@ def database_message(exc: BaseException, config: Config) -> str:
     """One line for the operator: what failed, where, and what to look at."""
     from pymongo.errors import ConnectionFailure
 
+    from huntsman.store.database import short_error
     from huntsman.store.embedded import EmbeddedServerError
 
-    text = redact_text(" ".join(str(exc).split())) or type(exc).__name__
-    for cut in (", Timeout:", " (configured timeouts:", ", Topology Description:"):
-        text = text.split(cut)[0]
-    if len(text) > 200:
-        text = text[:197] + "..."
+    text = redact_text(short_error(exc))
     where = (
         f"embedded database in {config.database.embedded.storage_dir}"
         if config.database.uri == "embedded"

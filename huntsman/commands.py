@@ -18,6 +18,7 @@ from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import FileSource, IngestRequest, utcnow
 from huntsman.science.offline import configure_offline_astropy
+from huntsman.science.paths import is_inside
 from huntsman.services.watcher import is_candidate
 from huntsman.store.database import Database, open_database
 
@@ -41,12 +42,11 @@ def _expand(paths: list[Path], extensions: tuple[str, ...]) -> list[str]:
 
 def _check_ingest_paths(paths: list[Path], raw_dir: Path, outside_root: bool) -> list[str]:
     """One line per path that cannot be ingested (missing, or outside the raw root)."""
-    root = raw_dir.resolve()
     errors = []
     for path in paths:
         if not path.exists():
             errors.append(f"huntsman: no such file or directory: {path}")
-        elif not outside_root and not path.resolve().is_relative_to(root):
+        elif not outside_root and not is_inside(path, raw_dir, allow_root=True):
             errors.append(
                 f"huntsman: {path} is outside the raw directory {raw_dir}; add --outside-root to "
                 "ingest it where it is (such files are never written to)"

@@ -85,6 +85,17 @@ def inside(
     return Path(path)
 
 
+def is_inside(
+    path: str | os.PathLike[str], root: str | os.PathLike[str], *, allow_root: bool = False
+) -> bool:
+    """Whether :func:`inside` accepts ``path`` (links resolved: reads the filesystem)."""
+    try:
+        inside(path, root, allow_root=allow_root)
+    except UnsafePathError:
+        return False
+    return True
+
+
 def make_dirs(directory: str | os.PathLike[str], root: str | os.PathLike[str], mode: int = 0o755) -> Path:
     """Create ``directory`` (and its missing parents) below ``root``, never through a symbolic
     link pointing elsewhere; ``root`` itself is created if missing."""
@@ -122,7 +133,8 @@ def create_temp(
     raise FileExistsError(f"no free temporary name in {directory}")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` survive a crash."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -165,7 +177,7 @@ def write_atomic(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from huntsman.science.paths import UnsafePathError, create_temp, inside
+from huntsman.science.paths import UnsafePathError, create_temp, fsync_dir, inside
 
 __all__ = [
     "MARKER_KEY",
@@ -133,14 +133,6 @@ def read_wcs_marker(path: str | Path, marker_key: str = MARKER_KEY) -> str | Non
     header, _, _ = _read_raw_header(p, _target_hdu(p))
     value = header.get(marker_key)
     return None if value in (None, "") else str(value)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _refusal(path: Path, info: os.stat_result, root: str | Path | None) -> str | None:
@@ -250,7 +242,7 @@ def write_wcs_into_raw(
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    _fsync_dir(p.parent)
+    fsync_dir(p.parent)
     return True
 
 

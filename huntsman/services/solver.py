@@ -18,6 +18,7 @@ from typing import Any
 from huntsman.config import AstrometryConfig, DetectorConfig
 from huntsman.models import utcnow
 from huntsman.science.astrometry import SolveParams, available
+from huntsman.science.paths import is_inside
 from huntsman.science.wcs_writer import cleanup_temp_files
 from huntsman.services.disk import SOLVER, DiskMonitor
 from huntsman.services.tasks import raise_if_cancelling
@@ -167,7 +168,7 @@ class PlateSolver:
             return None
         tries = int(wcs.get("tries") or 0) + 1
         # Files ingested from outside the raw root (`ingest --outside-root`) are never written.
-        inside = await asyncio.to_thread(self._inside_raw_dir, filename)
+        inside = await asyncio.to_thread(is_inside, filename, self.raw_dir)
         job = SolveJob(
             params=self.params,
             write_wcs=self.config.write_wcs and inside,
@@ -234,9 +235,6 @@ class PlateSolver:
         await self.exposures.set_fields(filename, update)
         await self._notify(filename, status)
         return status
-
-    def _inside_raw_dir(self, filename: str) -> bool:
-        return Path(filename).resolve().is_relative_to(self.raw_dir.resolve())
 
     async def _notify(self, filename: str, status: str) -> None:
         for listener in self.listeners:

@@ -109,8 +109,10 @@ class Database:
 
 def short_error(exc: BaseException) -> str:
     """A driver error in one short line (without the topology description it appends)."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text.split(" (configured timeouts")[0].split(", Timeout:")[0][:300]
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for cut in (" (configured timeouts", ", Timeout:", ", Topology Description:"):
+        text = text.split(cut)[0]
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def database_away(exc: BaseException) -> bool:
