@@ -12,13 +12,17 @@ import enum
 from typing import Any
 
 __all__ = [
+    "FINAL_WCS",
     "DetectorConstants",
     "FileSource",
+    "Grade",
     "IngestParams",
     "IngestRequest",
     "IngestResult",
     "IngestStatus",
     "ObservationType",
+    "QCStatus",
+    "WcsStatus",
     "utcnow",
 ]
 
@@ -42,6 +46,38 @@ class IngestStatus(enum.StrEnum):
     OK = "ok"
     FAILED = "failed"
     QUARANTINED = "quarantined"
+
+
+class WcsStatus(enum.StrEnum):
+    """``wcs.status``: pending until the solver records an outcome."""
+
+    PENDING = "pending"
+    SOLVED = "solved"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+FINAL_WCS: frozenset[WcsStatus] = frozenset({WcsStatus.SOLVED, WcsStatus.FAILED, WcsStatus.SKIPPED})
+
+
+class QCStatus(enum.StrEnum):
+    """``qc.status``."""
+
+    WAITING_CALIBS = "waiting_calibs"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Grade(enum.StrEnum):
+    """``qc.grade``, best first; :attr:`rank` orders them (0 is best)."""
+
+    GOOD = "good"
+    FAIR = "fair"
+    BAD = "bad"
+
+    @property
+    def rank(self) -> int:
+        return list(Grade).index(self)
 
 
 class FileSource(enum.StrEnum):
