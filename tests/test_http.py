@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -12,14 +13,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from huntsman.config import HttpConfig, ReportConfig
+from huntsman.config import DiskConfig, HttpConfig, ReportConfig
 from huntsman.logs import get_logger
 from huntsman.report import write_report
-from huntsman.services.http import StatusServer, quantiles
+from huntsman.services.disk import DiskMonitor
+from huntsman.services.http import StatusServer, page, quantiles
 from huntsman.services.reporter import ReportScheduler
+from huntsman.store import views
 from huntsman.store.database import Database, connect
 from huntsman.store.embedded import EmbeddedServer, server_command
 from huntsman.workers.pool import ComputePool, process_pool_factory
@@ -27,6 +31,7 @@ from tests.conftest import wait_for
 from tests.nightdata import NIGHT, WORST, insert_night
 
 LOG = get_logger(test="http")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
@@ -179,6 +184,70 @@ async def test_metrics_and_status_page(database: Database, pool: ComputePool, tm
 
 def test_quantiles_are_observed_values() -> None:
     assert quantiles([4.0, 1.0, 3.0, 2.0], (0.5, 0.9, 0.99)) == {0.5: 2.0, 0.9: 4.0, 0.99: 4.0}
+
+
+# name -> type of every family /metrics exposes (docs/operations.md lists the same names).
+FAMILIES = {
+    "huntsman_info": "gauge",
+    "huntsman_files_ingested": "counter",
+    "huntsman_stage_outcomes": "counter",
+    "huntsman_queue_depth": "gauge",
+    "huntsman_pool_in_flight": "gauge",
+    "huntsman_pool_rebuilds": "counter",
+    "huntsman_event_loop_lag_seconds": "gauge",
+    "huntsman_disk_free_bytes": "gauge",
+    "huntsman_disk_low": "gauge",
+    "huntsman_http_refused": "counter",
+    "huntsman_stage_duration_seconds": "summary",
+    "huntsman_latency_seconds": "summary",
+}
+
+
+async def test_metrics_come_from_their_own_registry(database: Database, tmp_path: Path) -> None:
+    """Every documented family, typed, from the server's registry; the global one stays empty."""
+    await insert_night(database)
+    disk = DiskMonitor(DiskConfig(min_free_mb=0), {"var_dir": tmp_path}, LOG)
+    await disk.check()
+    server = StatusServer(
+        HttpConfig(port=0), database, None, state=state, reports_dir=tmp_path, log=LOG, disk=disk
+    )
+    text = await server.metrics.render()
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert families == FAMILIES
+    assert text.count("# HELP ") == len(FAMILIES) and text.count("# TYPE ") == len(FAMILIES)
+    outcomes = {
+        (s.labels["stage"], s.labels["outcome"]): s.value
+        for f in text_string_to_metric_families(text) if f.name == "huntsman_stage_outcomes"
+        for s in f.samples
+    }
+    assert outcomes == {("ingest", "ok"): 40, ("ingest", "failed"): 1, ("solve", "solved"): 20}
+    assert 'huntsman_disk_low{directory="var_dir"} 0.0' in text
+    assert not [m for m in prometheus_client.REGISTRY.collect() if m.name.startswith("huntsman")]
+    documented = set(re.findall(r"`(huntsman_[a-z_]+)`", (ROOT / "docs" / "operations.md").read_text()))
+    exposed = {name + ("_total" if kind == "counter" else "") for name, kind in FAMILIES.items()}
+    assert documented == exposed
+
+
+async def test_views_give_the_page_its_rows(database: Database) -> None:
+    """The store's views: counts, failed stages and stage times of the synthetic night."""
+    await insert_night(database)
+    counts = await views.exposure_counts(database.exposures, timeout_s=5)
+    assert {(c.observation_type, c.ingest_status): c.n for c in counts}[("science", "failed")] == 1
+    errors = await views.recent_errors(database.exposures, 20, timeout_s=5)
+    assert {(os.path.basename(e.filename), e.stage, e.error) for e in errors} == {
+        ("truncated.fits", "ingest", "truncated FITS file: 100000 bytes on disk, headers describe 1304640"),
+        ("science_TESTCAM01_005.fits", "qc", "no reference stars matched"),
+        ("science_TESTCAM02_002.fits", "wcs", "no solution found"),
+    }
+    frames = await views.recent_exposures(database.exposures, ["qc.grade"], 5, timeout_s=5)
+    assert len(frames) == 5 and all(set(d) <= {"filename", "qc"} for d in frames)
+    times = await views.recent_stage_times(database.exposures, 500, timeout_s=5)
+    assert len(times.durations["ingest"]) == 59 and set(times.latencies["seen"]) == {3.0}
+
+
+def test_page_reads_through_the_store_views() -> None:
+    source = Path(page.__file__).read_text()
+    assert "views." in source and ".collection" not in source and "pymongo" not in source
 
 
 async def test_report_scheduler_writes_each_night_once(database: Database, tmp_path: Path) -> None:
