@@ -80,10 +80,11 @@ def worker_init(
         os.environ.setdefault(variable, "1")
     limit_memory(memory_mb)
     ignore_group_signals()
-    configure_logging(log_level, log_format, process=f"worker-{os.getpid()}")  # type: ignore[arg-type]
     from huntsman.science.offline import configure_offline_astropy
 
     configure_offline_astropy()
+    # After astropy's import, so that its logger joins the one stream.
+    configure_logging(log_level, log_format, process=f"worker-{os.getpid()}")  # type: ignore[arg-type]
 
 
 def warm() -> int:
