@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from huntsman import __version__
 from huntsman.config import HttpConfig
+from huntsman.logs import Logger
 from huntsman.models import utcnow
 from huntsman.report.data import get_path, number
 from huntsman.report.html import CSS, fmt
@@ -146,7 +147,7 @@ class StatusServer:
         *,
         state: Callable[[], dict[str, Any]],
         reports_dir: Path,
-        log: Any,
+        log: Logger,
         disk: DiskMonitor | None = None,
     ) -> None:
         self.config = config

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from huntsman.logs import configure_logging
+from huntsman.logs import Logger, configure_logging
 from huntsman.workers.guard import JobRaised, call_guarded, describe_exception
 from huntsman.workers.lifeline import die_with_parent, limit_memory, watch_service
 
@@ -128,7 +128,7 @@ class ComputePool:
         *,
         max_in_flight: int,
         job_timeout_s: float,
-        log: Any,
+        log: Logger,
     ) -> None:
         self._factory = factory
         self._executor: concurrent.futures.Executor | None = factory()
