@@ -23,7 +23,7 @@ from typing import Any
 from huntsman import __version__
 from huntsman.config import Config, redact_uri
 from huntsman.lock import EMBEDDED_LOCK, SERVICE_LOCK, LockHeld, PidLock
-from huntsman.logs import get_logger
+from huntsman.logs import Logger, get_logger
 from huntsman.models import DetectorConstants, FileSource, IngestParams
 from huntsman.science.offline import configure_offline_astropy
 from huntsman.science.paths import private_dir
@@ -63,7 +63,7 @@ def ingest_params(config: Config) -> IngestParams:
     )
 
 
-def make_pool(config: Config, log: Any, *, background: bool = False) -> ComputePool:
+def make_pool(config: Config, log: Logger, *, background: bool = False) -> ComputePool:
     """The ingestion pool, or (``background``) the pool for solving, calibration and QC.
 
     Two pools so that a 20 s plate solve or a master build never queues ahead of a file
@@ -82,14 +82,16 @@ def make_pool(config: Config, log: Any, *, background: bool = False) -> ComputeP
     )
 
 
-def make_calib_service(config: Config, database: Database, pool: ComputePool, log: Any) -> CalibService:
+def make_calib_service(config: Config, database: Database, pool: ComputePool, log: Logger) -> CalibService:
     return CalibService(
         database.exposures, database.calibs, pool, config.calib, config.detector,
         config.paths.calib_dir, log,
     )
 
 
-def make_quality_monitor(config: Config, database: Database, pool: ComputePool, log: Any) -> QualityMonitor:
+def make_quality_monitor(
+    config: Config, database: Database, pool: ComputePool, log: Logger
+) -> QualityMonitor:
     database.calibs.max_age_days = config.calib.max_age_days
     return QualityMonitor(
         database.exposures, database.calibs, pool, config.qc, config.detector, config.paths, log,
@@ -104,7 +106,7 @@ class Application:
         config: Config,
         database: Database,
         pool: ComputePool,
-        log: Any,
+        log: Logger,
         background: ComputePool | None = None,
     ) -> None:
         self.config = config
@@ -283,7 +285,7 @@ class Application:
             await asyncio.wait_for(self.database.services.stopped(), shutdown.database_timeout_s)
 
 
-async def announce_ready(app: Application, log: Any, timeout_s: float = 300.0) -> None:
+async def announce_ready(app: Application, log: Logger, timeout_s: float = 300.0) -> None:
     """Once files are watched: where to copy them and how to see results (log, and terminal)."""
     try:
         await asyncio.wait_for(app.watcher.ready.wait(), timeout_s)
@@ -402,6 +404,6 @@ async def _run_locked(
     return app.exit_code
 
 
-def _on_signal(log: Any, sig: signal.Signals, stop: asyncio.Event) -> None:
+def _on_signal(log: Logger, sig: signal.Signals, stop: asyncio.Event) -> None:
     log.info("signal_received", signal=sig.name)
     stop.set()

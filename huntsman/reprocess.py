@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import IO, Any
 
 from huntsman.config import Config
+from huntsman.logs import Logger
 from huntsman.models import FileSource, IngestRequest, utcnow
 from huntsman.store.database import Database
 from huntsman.store.encoding import bson_safe
@@ -176,7 +177,7 @@ class Reprocessor:
         config: Config,
         database: Database,
         pool: ComputePool | None,
-        log: Any,
+        log: Logger,
         *,
         progress: Callable[[int, str], Progress] | None = None,
     ) -> None:

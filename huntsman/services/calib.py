@@ -34,6 +34,7 @@ from pymongo.errors import PyMongoError
 
 from huntsman import __version__
 from huntsman.config import CalibConfig, DetectorConfig
+from huntsman.logs import Logger
 from huntsman.models import utcnow
 from huntsman.science.masters import MasterParams, MasterResult
 from huntsman.science.paths import inside, path_component
@@ -98,7 +99,7 @@ class CalibService:
         config: CalibConfig,
         detector: DetectorConfig,
         calib_dir: Path,
-        log: Any,
+        log: Logger,
     ) -> None:
         self.exposures = exposures
         self.calibs = calibs
@@ -256,7 +257,7 @@ class CalibService:
             summary.failed.append(unit.key)
             await self.calibs.set_status(unit, {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"})
 
-    async def _reconcile(self, plan: UnitPlan, force: bool, summary: PassSummary, log: Any) -> None:
+    async def _reconcile(self, plan: UnitPlan, force: bool, summary: PassSummary, log: Logger) -> None:
         unit = plan.unit
         status = await self.calibs.get_status(unit) or {}
         failed_inputs: dict[str, str] = dict(status.get("failed_inputs") or {})
@@ -335,7 +336,9 @@ class CalibService:
             path = master_path(self.calib_dir, unit, version)
         return path
 
-    async def _build(self, group: Group, masters: dict[str, str], plan: UnitPlan, log: Any) -> CalibDocument:
+    async def _build(
+        self, group: Group, masters: dict[str, str], plan: UnitPlan, log: Logger
+    ) -> CalibDocument:
         unit = group.unit
         if self.disk is not None:
             await self.disk.wait_writable(*MASTERS)  # writes the master and its document
@@ -438,7 +441,7 @@ class CalibService:
                 ready.extend(sorted(filenames))
         return ready
 
-    async def _hand_off(self, master: CalibDocument, log: Any) -> None:
+    async def _hand_off(self, master: CalibDocument, log: Logger) -> None:
         if not self.on_master_built:
             return
         science = await self.ready_science(master)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from huntsman.config import Config, DiskConfig
+from huntsman.logs import Logger
 
 __all__ = ["DiskMonitor", "DiskSpace", "is_disk_full", "watched_paths"]
 
@@ -80,7 +81,7 @@ def _existing(path: Path) -> Path:
 class DiskMonitor:
     """Measures free space periodically; :meth:`wait_writable` holds writers while it is low."""
 
-    def __init__(self, config: DiskConfig, paths: Mapping[str, Path], log: Any) -> None:
+    def __init__(self, config: DiskConfig, paths: Mapping[str, Path], log: Logger) -> None:
         self.config = config
         self.paths = dict(paths)
         self._log = log.bind(component="disk")

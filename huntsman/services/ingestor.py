@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from pymongo.errors import PyMongoError
 
 from huntsman.config import IngestConfig, WatcherConfig
+from huntsman.logs import Logger
 from huntsman.models import FileSource, IngestParams, IngestRequest, IngestResult, utcnow
 from huntsman.science.wcs_writer import read_wcs_marker
 from huntsman.services.disk import DOCUMENTS, DiskMonitor
@@ -71,7 +72,7 @@ class FileIngestor:
         params: IngestParams,
         config: IngestConfig,
         watcher_config: WatcherConfig,
-        log: Any,
+        log: Logger,
         *,
         concurrency: int,
         write_retry_s: float = 60.0,
@@ -223,7 +224,7 @@ class FileIngestor:
         self._log.info("hard_link_recognised", filename=path, link_of=keeper)
         return False
 
-    async def _vanished(self, path: str, state: FileState | None, log: Any) -> None:
+    async def _vanished(self, path: str, state: FileState | None, log: Logger) -> None:
         """The file went while it was read: no document for a name that no longer exists (a
         renamed file is ingested under its new name); an existing one is marked missing."""
         self.counts["skipped"] += 1
@@ -314,7 +315,7 @@ class FileIngestor:
         return status
 
     async def _record(
-        self, result: IngestResult, log: Any, *, seen_at: dt.datetime, previous: FileState | None,
+        self, result: IngestResult, log: Logger, *, seen_at: dt.datetime, previous: FileState | None,
         same_content: bool,
     ) -> str:
         """Write the document; a write the database refuses while the disk is full waits for

@@ -31,6 +31,7 @@ from typing import Any
 
 from huntsman import __version__
 from huntsman.config import DetectorConfig, PathsConfig, QCConfig
+from huntsman.logs import Logger
 from huntsman.models import DetectorConstants, utcnow
 from huntsman.science.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
@@ -93,7 +94,7 @@ class QualityMonitor:
         config: QCConfig,
         detector: DetectorConfig,
         paths: PathsConfig,
-        log: Any,
+        log: Logger,
     ) -> None:
         self.exposures = exposures
         self.calibs = calibs

@@ -13,11 +13,11 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pymongo.errors import PyMongoError
 
 from huntsman.config import ReportConfig
+from huntsman.logs import Logger
 from huntsman.models import utcnow
 from huntsman.report import ReportResult, last_completed_night, write_report
 from huntsman.science.paths import path_component
@@ -36,7 +36,7 @@ class ReportScheduler:
         database: Database,
         config: ReportConfig,
         reports_dir: Path,
-        log: Any,
+        log: Logger,
         *,
         clock: Callable[[], dt.datetime] = utcnow,
         check_interval_s: float = 600.0,

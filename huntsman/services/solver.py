@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from huntsman.config import AstrometryConfig, DetectorConfig
+from huntsman.logs import Logger
 from huntsman.models import utcnow
 from huntsman.science.astrometry import SolveParams, available
 from huntsman.science.paths import is_inside
@@ -44,7 +45,7 @@ class PlateSolver:
         *,
         raw_dir: Path,
         extra_index_dir: Path,
-        log: Any,
+        log: Logger,
     ) -> None:
         self.exposures = exposures
         self.pool = pool

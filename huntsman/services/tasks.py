@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+from huntsman.logs import Logger
+
 __all__ = ["cancel_and_wait", "raise_if_cancelling"]
 
 
@@ -22,7 +24,7 @@ def raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout_s: float, log: Any) -> bool:
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout_s: float, log: Logger) -> bool:
     """Cancel tasks and wait for them, cancelling again any that carry on; ``False`` on timeout."""
     pending = {t for t in tasks if not t.done()}
     loop = asyncio.get_running_loop()

@@ -38,9 +38,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from asyncinotify import Inotify, Mask
+from asyncinotify import Event, Inotify, Mask
 
 from huntsman.config import WatcherConfig
+from huntsman.logs import Logger
 from huntsman.models import FileSource, IngestRequest, utcnow
 
 __all__ = ["DirectoryWatcher", "FileTracker", "is_candidate"]
@@ -109,7 +110,7 @@ class DirectoryWatcher:
         root: Path,
         submit: Submit,
         config: WatcherConfig,
-        log: Any,
+        log: Logger,
         tracker: FileTracker | None = None,
     ) -> None:
         self.root = Path(root).resolve()
@@ -187,7 +188,7 @@ class DirectoryWatcher:
             self._log.warning("file_tracking_failed", action=what, args=[str(a) for a in args[:2]],
                               error=f"{type(exc).__name__}: {exc}")
 
-    async def _handle(self, event: Any) -> None:
+    async def _handle(self, event: Event) -> None:
         mask = event.mask
         if Mask.Q_OVERFLOW in mask:
             self.overflows += 1
@@ -203,28 +204,35 @@ class DirectoryWatcher:
             return
         is_dir = Mask.ISDIR in mask
         if Mask.MOVED_FROM in mask:
-            if is_dir or is_candidate(str(event.name), self._config.extensions):
-                self._moves[event.cookie] = (Path(path), is_dir, asyncio.get_running_loop().time())
-                self._moves_waiting.set()
-            return
-        if Mask.MOVED_TO in mask:
+            self._moved_from(event.cookie, Path(path), is_dir)
+        elif Mask.MOVED_TO in mask:
             await self._moved_to(event.cookie, Path(path), is_dir)
-            return
-        if is_dir:
-            if Mask.CREATE in mask:
-                await self.scan(Path(path))
-            elif Mask.DELETE in mask:
-                await self._track("tree_gone", str(path))
-            return
-        name = str(event.name)
-        if not is_candidate(name, self._config.extensions):
-            return
-        if Mask.CLOSE_WRITE in mask:
-            await self._submit(IngestRequest(str(path), utcnow(), FileSource.EVENT))
+        elif is_dir:
+            await self._dir_changed(mask, Path(path))
+        elif is_candidate(str(event.name), self._config.extensions):
+            await self._file_changed(mask, str(path))
+
+    async def _dir_changed(self, mask: Mask, path: Path) -> None:
+        """A directory created (watched and scanned) or deleted (its documents go missing)."""
+        if Mask.CREATE in mask:
+            await self.scan(path)
         elif Mask.DELETE in mask:
-            await self._track("file_gone", str(path))
+            await self._track("tree_gone", str(path))
+
+    async def _file_changed(self, mask: Mask, path: str) -> None:
+        """A candidate file written, linked in, or deleted."""
+        if Mask.CLOSE_WRITE in mask:
+            await self._submit(IngestRequest(path, utcnow(), FileSource.EVENT))
+        elif Mask.DELETE in mask:
+            await self._track("file_gone", path)
         elif Mask.CREATE in mask and await asyncio.to_thread(_complete_on_create, path):
-            await self._submit(IngestRequest(str(path), utcnow(), FileSource.EVENT))
+            await self._submit(IngestRequest(path, utcnow(), FileSource.EVENT))
+
+    def _moved_from(self, cookie: int, path: Path, is_dir: bool) -> None:
+        """The first half of a rename: kept until its ``MOVED_TO`` or for ``_PAIR_S``."""
+        if is_dir or is_candidate(path.name, self._config.extensions):
+            self._moves[cookie] = (path, is_dir, asyncio.get_running_loop().time())
+            self._moves_waiting.set()
 
     async def _moved_to(self, cookie: int, path: Path, is_dir: bool) -> None:
         origin = self._moves.pop(cookie, None)

@@ -16,6 +16,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 
 from huntsman.config import DatabaseConfig
 from huntsman.lock import PidLock
+from huntsman.logs import Logger
 from huntsman.models import utcnow
 from huntsman.store.calibs import CalibCollection
 from huntsman.store.embedded import (
@@ -124,7 +125,7 @@ def database_away(exc: BaseException) -> bool:
 
 
 async def retry_writes(
-    write: Callable[[], Awaitable[T]], *, deadline_s: float, log: Any, what: str
+    write: Callable[[], Awaitable[T]], *, deadline_s: float, log: Logger, what: str
 ) -> T:
     """Run ``write``, retrying while the database is unreachable, for up to ``deadline_s``.
 
@@ -161,7 +162,7 @@ class DatabaseMonitor:
         self,
         database: Database,
         config: DatabaseConfig,
-        log: Any,
+        log: Logger,
         *,
         on_recovered: Callable[[], None],
         on_lost: Callable[[str], None],
@@ -316,7 +317,7 @@ def connect(
 @contextlib.asynccontextmanager
 async def open_database(
     config: DatabaseConfig,
-    log: Any,
+    log: Logger,
     *,
     reuse_running: bool = False,
     close_timeout_s: float | None = None,

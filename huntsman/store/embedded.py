@@ -31,6 +31,7 @@ from pymongo.errors import PyMongoError
 
 from huntsman.config import EMBEDDED_KILL_WAIT_S
 from huntsman.lock import EMBEDDED_LOCK, LockHeld, PidLock, holder
+from huntsman.logs import Logger
 from huntsman.science.paths import private_dir
 
 __all__ = [
@@ -165,7 +166,7 @@ class EmbeddedServer:
         test_commands: bool = False,
         lock_wait_s: float = 0.0,
         lock: PidLock | None = None,
-        log: Any = None,
+        log: Logger | None = None,
     ) -> None:
         self.storage_dir = Path(storage_dir)
         self.requested_port = port

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from huntsman.logs import configure_logging
+from huntsman.logs import Logger, configure_logging
 from huntsman.workers.guard import JobRaised, call_guarded, describe_exception
 from huntsman.workers.lifeline import die_with_parent, limit_memory, watch_service
 
@@ -80,10 +80,11 @@ def worker_init(
         os.environ.setdefault(variable, "1")
     limit_memory(memory_mb)
     ignore_group_signals()
-    configure_logging(log_level, log_format, process=f"worker-{os.getpid()}")  # type: ignore[arg-type]
     from huntsman.science.offline import configure_offline_astropy
 
     configure_offline_astropy()
+    # After astropy's import, so that its logger joins the one stream.
+    configure_logging(log_level, log_format, process=f"worker-{os.getpid()}")  # type: ignore[arg-type]
 
 
 def warm() -> int:
@@ -127,7 +128,7 @@ class ComputePool:
         *,
         max_in_flight: int,
         job_timeout_s: float,
-        log: Any,
+        log: Logger,
     ) -> None:
         self._factory = factory
         self._executor: concurrent.futures.Executor | None = factory()

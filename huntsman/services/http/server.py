@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from huntsman.config import HttpConfig
+from huntsman.logs import Logger
 from huntsman.services.disk import DiskMonitor
 from huntsman.services.http.cache import RenderCache
 from huntsman.services.http.health import Health, HealthChecks
@@ -81,7 +82,7 @@ class StatusServer:
         *,
         state: Callable[[], dict[str, Any]],
         reports_dir: Path,
-        log: Any,
+        log: Logger,
         disk: DiskMonitor | None = None,
     ) -> None:
         self.config = config
