@@ -448,6 +448,12 @@ async def test_reprocess_qc_refuses_to_wipe_zeropoints(
         assert doc["history"][-1]["stage"] == "qc"
         assert doc["history"][-1]["previous"]["qc"]["zeropoint"] == 24.61
 
+    # `calib --force` is `reprocess calib`: its summary, for the frames the selection names.
+    proc = await ahuntsman(["calib", "--force", "--date", N1, "--camera", "TESTCAM01"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stdout.splitlines() if not line.startswith("{")]
+    assert said[-1].startswith("calib: 3 selected, "), proc.stdout
+
 
 # -- the running service's configuration --------------------------------------------------------
 
