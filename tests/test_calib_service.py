@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import shutil
@@ -15,8 +14,9 @@ import pytest
 from astropy.io import fits
 
 from huntsman.app import make_calib_service, make_pool
-from huntsman.commands import _status_text
-from huntsman.commands import calib as calib_command
+from huntsman.cli import parse_args
+from huntsman.cli.processing import calib as calib_command
+from huntsman.cli.views import _status_text
 from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import IngestParams, utcnow
@@ -235,7 +235,7 @@ async def test_real_samples_make_valid_masters(
         shutil.copyfile(RAW_SAMPLES / f"{name}.fits", raw / f"{name}.fits")
     await ingest(database, sorted(raw.iterdir()))
     # Through the command-line entry point, i.e. the same CalibService code.
-    args = argparse.Namespace(date=None, camera=None, calib_type=None, force=False)
+    args = parse_args(["calib"])
     assert await calib_command(config, args) == 0
     bias = await database.calibs.match_one("bias", "TESTCAM03", "2021-01-07")
     dark = await database.calibs.match_one("dark", "TESTCAM03", "2021-01-07")

@@ -227,6 +227,67 @@ def test_bad_arguments_are_one_clear_line(tmp_path: Path, args: list[str], messa
     assert proc.stdout == ""
 
 
+def test_ingest_force_names_the_new_spelling(tmp_path: Path) -> None:
+    """Re-ingesting is ``reprocess ingest`` (which keeps history): one line, exit 2, nothing done."""
+    raw = tmp_path / "var" / "raw"
+    sample = copy_sample("bias_0", raw)
+    proc = huntsman(["ingest", "--force", str(sample), str(raw)],
+                    cli_env(tmp_path, f"mongodb://127.0.0.1:{closed_port()}/"), tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr == (
+        f"huntsman: ingest --force is now: huntsman reprocess ingest --pattern {sample} "
+        f"--pattern '{raw}/*'\n"
+    )
+
+
+def test_one_table_one_selection_no_import_circle() -> None:
+    """Every command comes from the table; the selection flags have one shape; no import circle."""
+    import ast
+
+    from huntsman.cli import parse_args
+    from huntsman.cli.commands import COMMANDS, Tool, parser
+    from huntsman.cli.selection import Selection
+
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(c.name for c in COMMANDS)
+    assert all(asyncio.iscoroutinefunction(c.handler) for c in COMMANDS if isinstance(c, Tool))
+
+    args = parse_args(["reprocess", "qc", "--night", "2024-05-10", "--camera", "A", "--night",
+                       "2024-05-11", "--pattern", "*/A/*"])
+    selection = Selection.from_args(args)
+    assert selection == Selection(night=("2024-05-10", "2024-05-11"), camera="A", pattern="*/A/*")
+    assert selection.query("qc") == {
+        "calib_date": {"$in": ["2024-05-10", "2024-05-11"]}, "camera": "A", "ingest.status": "ok",
+        "observation_type": {"$in": ["science"]},
+    }
+    assert selection.matches("/raw/A/x.fits") and not selection.matches("/raw/B/x.fits")
+    assert selection.describe() == "--night 2024-05-10 --camera A --night 2024-05-11 --pattern */A/*"
+    # The same flags, the same selection, whichever command (calib still accepts --date).
+    calib = Selection.from_args(parse_args(["calib", "--date", "2024-05-10", "--camera", "A"]))
+    assert calib == Selection(night="2024-05-10", camera="A") and calib.describe().startswith("--date")
+    export = Selection.from_args(parse_args(["export", "--night", "2024-05-10", "--camera", "A"]))
+    assert export == Selection(night="2024-05-10", camera="A")
+    assert export.query() == {"calib_date": "2024-05-10", "camera": "A"}
+    assert Selection(observation_type="science").query("calib")["observation_type"] == {"$in": []}
+
+    package = ROOT / "huntsman" / "cli"
+    modules = {p.stem for p in package.glob("*.py")}
+    imports: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "huntsman.cli":
+                found |= {a.name if a.name in modules else "__init__" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("huntsman.cli."):
+                found.add((node.module or "").split(".")[2])
+        imports[path.stem] = found - {path.stem}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(m == goal or (m not in seen and reaches(m, goal, seen | {m})) for m in imports[start])
+
+    assert [m for m in sorted(imports) if reaches(m, m, set())] == []
+
+
 def test_stage_status_mismatch_and_catalogue_columns(tmp_path: Path) -> None:
     env = cli_env(tmp_path, f"mongodb://127.0.0.1:{closed_port()}/")
     proc = huntsman(["reprocess", "qc", "--status", "quarantined"], env, tmp_path)
@@ -362,6 +423,10 @@ async def test_reprocess_qc_refuses_to_wipe_zeropoints(
     assert f"{n} of {n} frames have a zeropoint" in proc.stderr and "qc.refcat_path" in proc.stderr
     async for doc in database.exposures.find(science):
         assert doc["qc"]["zeropoint"] == 24.61 and "history" not in doc  # nothing changed
+    # The older spelling is the same implementation: the same refusal, word for word.
+    alias = await ahuntsman(["qc", "--reprocess", "--night", N1], env, tmp_path)
+    assert (alias.returncode, alias.stderr) == (proc.returncode, proc.stderr)
+    assert "reprocess_refused" in alias.stdout  # the log line of the same code path
 
     # The night of the issue: the service runs with a catalogue given by its override; a bare
     # command line now uses the service's configuration, so it is not refused.
@@ -382,6 +447,12 @@ async def test_reprocess_qc_refuses_to_wipe_zeropoints(
         assert doc["qc"].get("zeropoint") is None  # replaced (no masters: waiting_calibs)
         assert doc["history"][-1]["stage"] == "qc"
         assert doc["history"][-1]["previous"]["qc"]["zeropoint"] == 24.61
+
+    # `calib --force` is `reprocess calib`: its summary, for the frames the selection names.
+    proc = await ahuntsman(["calib", "--force", "--date", N1, "--camera", "TESTCAM01"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stdout.splitlines() if not line.startswith("{")]
+    assert said[-1].startswith("calib: 3 selected, "), proc.stdout
 
 
 # -- the running service's configuration --------------------------------------------------------

@@ -16,10 +16,12 @@ import pytest
 from bson.codec_options import CodecOptions
 
 from huntsman.app import ingest_params, make_calib_service, make_pool
+from huntsman.cli.progress import Progress
+from huntsman.cli.reprocess import HISTORY_LIMIT, Reprocessor, push_history
+from huntsman.cli.selection import Selection
 from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import FileSource, IngestRequest, utcnow
-from huntsman.reprocess import HISTORY_LIMIT, Progress, Reprocessor, Selection, push_history
 from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.services.ingestor import FileIngestor
 from huntsman.store.database import Database

@@ -12,33 +12,26 @@ and the old one is marked superseded.  A dry run only lists what would be done.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
-import fnmatch
 import importlib
-import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import IO, Any
+from typing import Any
 
+from huntsman.cli.exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from huntsman.cli.progress import Progress
+from huntsman.cli.selection import STAGE_STATUSES, STAGES, Selection
 from huntsman.config import Config
-from huntsman.logs import Logger
+from huntsman.logs import Logger, get_logger
 from huntsman.models import FileSource, IngestRequest, utcnow
 from huntsman.store.database import Database
 from huntsman.store.encoding import bson_safe
 from huntsman.workers.pool import ComputePool
 
-__all__ = [
-    "HISTORY_LIMIT",
-    "STAGES",
-    "Progress",
-    "ReprocessSummary",
-    "Reprocessor",
-    "Selection",
-    "push_history",
-]
+__all__ = ["HISTORY_LIMIT", "ReprocessSummary", "Reprocessor", "push_history", "reprocess", "rerun"]
 
-STAGES = ("ingest", "solve", "calib", "qc")
 HISTORY_LIMIT = 10
 # The sub-documents a stage owns (saved to history before it runs again) and its timing field.
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -47,13 +40,6 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "qc": ("qc",),
 }
 STAGE_TIMING = {"ingest": "ingested", "solve": "solved", "qc": "qc_done"}
-STATUS_FIELD = {"ingest": "ingest.status", "solve": "wcs.status", "calib": "ingest.status", "qc": "qc.status"}
-STAGE_TYPES: dict[str, tuple[str, ...] | None] = {
-    "ingest": None,
-    "solve": ("science",),
-    "calib": ("bias", "dark", "flat"),
-    "qc": ("science",),
-}
 _PROJECTION = {
     "_id": 0,
     "filename": 1,
@@ -68,46 +54,6 @@ _PROJECTION = {
     "qc": 1,
     "timing": 1,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """Which exposures; ``None`` fields do not constrain."""
-
-    night: str | None = None
-    camera: str | None = None
-    physical_filter: str | None = None
-    observation_type: str | None = None
-    status: str | None = None
-    pattern: str | None = None
-
-    def query(self, stage: str) -> dict[str, Any]:
-        query: dict[str, Any] = {}
-        for field, value in (
-            ("calib_date", self.night),
-            ("camera", self.camera),
-            ("physical_filter", self.physical_filter),
-            (STATUS_FIELD[stage], self.status),
-        ):
-            if value is not None:
-                query[field] = value
-        if stage != "ingest" and STATUS_FIELD[stage] != "ingest.status":
-            query["ingest.status"] = "ok"  # only ingested frames can be solved or measured
-        allowed = STAGE_TYPES[stage]
-        if self.observation_type is not None:
-            ok = allowed is None or self.observation_type in allowed
-            query["observation_type"] = self.observation_type if ok else {"$in": []}
-        elif allowed is not None:
-            query["observation_type"] = {"$in": list(allowed)}
-        return query
-
-    def matches(self, filename: str) -> bool:
-        """The glob matches the whole path or the file name."""
-        if self.pattern is None:
-            return True
-        return fnmatch.fnmatchcase(filename, self.pattern) or fnmatch.fnmatchcase(
-            os.path.basename(filename), self.pattern
-        )
 
 
 @dataclasses.dataclass
@@ -125,31 +71,6 @@ class ReprocessSummary:
     def count(self, outcome: str | None) -> None:
         key = str(outcome)
         self.outcomes[key] = self.outcomes.get(key, 0) + 1
-
-
-class Progress:
-    """``\\r[#####     ] 12/40 stage`` on a terminal; silent otherwise."""
-
-    def __init__(self, total: int, label: str, stream: IO[str] | None = None, width: int = 30) -> None:
-        self.total, self.label, self.width, self.done = total, label, width, 0
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = total > 0 and self.stream.isatty()
-        self.show()
-
-    def show(self) -> None:
-        if not self.enabled:
-            return
-        filled = int(self.width * self.done / self.total)
-        bar = "#" * filled + " " * (self.width - filled)
-        print(f"\r[{bar}] {self.done}/{self.total} {self.label}", end="", file=self.stream, flush=True)
-
-    def advance(self) -> None:
-        self.done += 1
-        self.show()
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=self.stream, flush=True)
 
 
 async def push_history(
@@ -419,3 +340,73 @@ class Reprocessor:
                     bar.advance()
         finally:
             bar.close()
+
+
+# -- the command: ``reprocess STAGE``, and the older spellings ``qc --reprocess``, ``calib --force``
+
+async def reprocess(config: Config, args: argparse.Namespace) -> int:
+    """``reprocess STAGE [selection] [--dry-run] [--force]``."""
+    return await rerun(
+        config, args.stage, Selection.from_args(args), dry_run=args.dry_run, force=args.force
+    )
+
+
+async def rerun(
+    config: Config, stage: str, selection: Selection, *, dry_run: bool = False, force: bool = False
+) -> int:
+    """Re-run ``stage`` on ``selection`` and say what happened (the one implementation)."""
+    from huntsman.app import make_pool
+    from huntsman.science.offline import configure_offline_astropy
+    from huntsman.store.database import open_database
+
+    configure_offline_astropy()
+    wrong = [s for s in selection.status if s not in STAGE_STATUSES[stage]]
+    if wrong:
+        print(
+            f"huntsman: --status {wrong[0]} is not a status of the {stage} stage "
+            f"(one of {', '.join(STAGE_STATUSES[stage])})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    log = get_logger(command="reprocess")
+    async with open_database(config.database, log, reuse_running=True) as database:
+        pool = None if dry_run else make_pool(config, log)
+        try:
+            summary = await Reprocessor(config, database, pool, log).run(
+                stage, selection, dry_run=dry_run, force=force
+            )
+        finally:
+            if pool is not None:
+                await pool.shutdown(1.0)
+    return _said(summary, selection)
+
+
+def _said(summary: ReprocessSummary, selection: Selection) -> int:
+    """Print the summary of a re-run; its exit code."""
+    stage = summary.stage
+    if summary.unavailable:
+        print(f"huntsman: {summary.unavailable}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not summary.selected:
+        what = selection.describe() or "at all"
+        print(f"huntsman: no exposure matches {what} for {stage}", file=sys.stderr)
+        return EXIT_FAILURE
+    if summary.refused:
+        print(f"huntsman: refusing to reprocess {stage}: {summary.refused}", file=sys.stderr)
+        return EXIT_FAILURE
+    if summary.dry_run:
+        for line in summary.actions:
+            print(f"would {line}")
+        print(
+            f"dry run: {len(summary.selected)} exposures selected, {len(summary.actions)} actions, "
+            "nothing changed"
+        )
+        return EXIT_OK
+    for filename, error in summary.failed:
+        print(f"failed {filename}: {error}")
+    outcomes = ", ".join(f"{n} {k}" for k, n in sorted(summary.outcomes.items())) or "nothing to do"
+    print(
+        f"{stage}: {len(summary.selected)} selected, {len(summary.done)} done ({outcomes}), "
+        f"{len(summary.failed)} failed"
+    )
+    return EXIT_FAILURE if summary.failed else EXIT_OK
