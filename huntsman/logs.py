@@ -104,12 +104,13 @@ class _LibraryLevel(logging.Filter):
 
 
 def _adopt_astropy() -> None:
-    """astropy's logger, if astropy is imported, without its own handler and warnings hook:
-    its records propagate to the root handler, its warnings reach ``py.warnings``."""
-    astropy = sys.modules.get("astropy")
-    astropy_log = getattr(astropy, "log", None)
-    if astropy_log is None:
-        return
+    """astropy's logger without its own handler and warnings hook: its records propagate to
+    the root handler, its warnings reach ``py.warnings``.  astropy is imported here (every
+    process of the service and every command uses it), so a later import cannot install its
+    plain-text handler on stderr."""
+    import astropy
+
+    astropy_log = astropy.log
     if astropy_log.warnings_logging_enabled():
         # Refused (LoggingError) if someone replaced warnings.showwarning after astropy did:
         # then captureWarnings below still routes every warning to logging.
