@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
+from structlog.typing import FilteringBoundLogger
 
 from huntsman.config import EMBEDDED_KILL_WAIT_S
 from huntsman.lock import EMBEDDED_LOCK, LockHeld, PidLock, holder
@@ -165,7 +166,7 @@ class EmbeddedServer:
         test_commands: bool = False,
         lock_wait_s: float = 0.0,
         lock: PidLock | None = None,
-        log: Any = None,
+        log: FilteringBoundLogger | None = None,
     ) -> None:
         self.storage_dir = Path(storage_dir)
         self.requested_port = port
