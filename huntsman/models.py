@@ -26,8 +26,6 @@ __all__ = [
     "utcnow",
 ]
 
-OBSERVATION_TYPES = ("bias", "dark", "flat", "science")
-
 
 def utcnow() -> dt.datetime:
     """Timezone-aware UTC now, truncated to the millisecond BSON keeps."""
@@ -40,6 +38,9 @@ class ObservationType(enum.StrEnum):
     DARK = "dark"
     FLAT = "flat"
     SCIENCE = "science"
+
+
+OBSERVATION_TYPES: tuple[ObservationType, ...] = tuple(ObservationType)
 
 
 class IngestStatus(enum.StrEnum):

@@ -90,7 +90,7 @@ def science_frames(night: str = NIGHT) -> list[dict[str, Any]]:
                 "n_zeropoint_stars": 140 - i,
                 "limiting_mag_5sigma": round(zp - 2.5 + 0.3 * (21.7 - sky) + 0.0 * fwhm - 0.2, 3),
                 "error": None,
-                "grade": "A" if fwhm < 2.8 else "B",
+                "grade": "good" if fwhm < 2.8 else "fair",
                 "flags": [],
                 "fwhm_grid_arcsec": _grid(fwhm, 0.15 + 0.1 * ci),
                 "duration_s": 3.1,
@@ -108,7 +108,7 @@ def science_frames(night: str = NIGHT) -> list[dict[str, Any]]:
     worst.update(
         fwhm_arcsec=6.4,
         ellipticity=0.41,
-        grade="F",
+        grade="bad",
         flags=["fwhm_high", "elongated", "trailing"],
         limiting_mag_5sigma=17.1,
     )

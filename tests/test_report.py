@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 from matplotlib.image import imread
 
+from huntsman.models import Grade, IngestResult, IngestStatus, ObservationType, QCStatus, WcsStatus, utcnow
 from huntsman.report import write_report
-from huntsman.report.data import last_completed_night
-from huntsman.report.plots import camera_plot_name
+from huntsman.report.data import UNKNOWN_RANK, grade_rank, last_completed_night
+from huntsman.report.html import CSS, GRADE_CSS, UNKNOWN_CSS, grade_css
+from huntsman.report.plots import NOT_RUN, STATUS_COLOURS, camera_plot_name
 from huntsman.store.database import Database
+from huntsman.store.records import QCRecord, SolveRecord
 from tests.conftest import PYTHON, ROOT, python_env
 from tests.nightdata import CAMERAS, NIGHT, WORST, insert_night
 
@@ -98,6 +101,63 @@ async def test_report_for_an_empty_night(database: Database, tmp_path: Path) -> 
     assert result.empty and result.plots == ()
     assert 'id="no-data"' in page and "No data for the night 2024-06-01" in page
     assert list(out.glob("*.png")) == []
+
+
+def test_every_grade_has_a_rank_and_a_colour() -> None:
+    assert [g.rank for g in Grade] == list(range(len(Grade)))  # declared best first
+    assert [grade_rank(g) for g in Grade] == [float(g.rank) for g in Grade]
+    assert set(GRADE_CSS) == set(Grade)
+    for css in [*GRADE_CSS.values(), UNKNOWN_CSS]:
+        assert f".{css}{{" in CSS, css  # every colour is styled
+    assert len(set(GRADE_CSS.values())) == len(Grade)
+    for legacy in ("A", "F", "marginal", "", 3):
+        assert grade_rank(legacy) == UNKNOWN_RANK and grade_css(legacy) == UNKNOWN_CSS
+    assert grade_rank(None) == UNKNOWN_RANK and grade_css(None) is None  # shown as a dash
+    assert min(g.rank for g in Grade) > UNKNOWN_RANK
+
+
+def test_every_ingest_and_qc_status_has_a_colour() -> None:
+    for status in [*IngestStatus, *QCStatus, NOT_RUN]:
+        assert STATUS_COLOURS.get(str(status)), status
+
+
+async def test_fair_frames_sort_between_good_and_bad_in_the_worst_frames(
+    database: Database, tmp_path: Path
+) -> None:
+    """Documents written by the stage writers; the good frame has the largest FWHM, so only the
+    grade puts it last."""
+    import datetime as dt
+
+    night = "2024-05-10"
+    frames = {Grade.GOOD: 3.4, Grade.FAIR: 2.1, Grade.BAD: 2.8}
+    names = {}
+    for i, (grade, fwhm) in enumerate(frames.items()):
+        when = dt.datetime(2024, 5, 10, 11, i, tzinfo=dt.UTC)
+        name = f"/raw/{night}/CAM1/science_{grade}.fits"
+        names[grade] = name
+        result = IngestResult(
+            filename=name,
+            fields={"observation_type": ObservationType.SCIENCE, "camera": "CAM1", "date_obs": when,
+                    "calib_date": night, "physical_filter": "g_band"},
+            header={}, metrics={}, error=None, warnings=(), duration_s=0.1, file_size=1, file_mtime_ns=1,
+        )
+        await database.exposures.record_ingest(result, seen_at=utcnow(), previous=None, max_tries=3,
+                                               same_content=False)
+        await database.exposures.record_solve(name, SolveRecord.failed(tries=1, error="x", solve_time_s=1.0))
+        await database.exposures.record_qc(name, QCRecord(
+            QCStatus.DONE, tries=1, measurements={"fwhm_arcsec": fwhm}, wcs_status=WcsStatus.FAILED,
+            grade=grade, flags=(),
+        ))
+    out = tmp_path / "report"
+    await write_report(database, night, out, worst_n=3)
+    worst = _section((out / "index.html").read_text(), "worst-frames")
+    rows = worst.split("<tr>")[2:]
+    assert len(rows) == 3
+    assert [next(g for g, n in names.items() if n in row) for row in rows] == [
+        Grade.BAD, Grade.FAIR, Grade.GOOD
+    ]
+    for row, grade in zip(rows, (Grade.BAD, Grade.FAIR, Grade.GOOD), strict=True):
+        assert f'<td class="{GRADE_CSS[grade]}">{grade}</td>' in row, row
 
 
 def test_last_completed_night() -> None:

@@ -13,14 +13,17 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from huntsman.models import utcnow
+from huntsman.models import Grade, IngestStatus, ObservationType, QCStatus, utcnow
 from huntsman.store.database import Database
 
 __all__ = [
+    "UNKNOWN_RANK",
     "NightData",
     "badness",
     "gather_night",
     "get_path",
+    "grade_of",
+    "grade_rank",
     "last_completed_night",
     "number",
     "worst_frames",
@@ -46,8 +49,10 @@ _SCIENCE_PROJECTION = {
     "timing": 1,
 }
 
-# Grades from best (0) to worst; both spellings of the QC contract are accepted.
-GRADE_RANK = {"A": 0, "good": 0, "B": 1, "marginal": 1, "C": 2, "bad": 3, "F": 3}
+# An absent or unrecognised grade sorts after every graded frame (the worst-frames table shows
+# frames known to be bad first); a frame that could not be measured ranks between fair and bad.
+UNKNOWN_RANK = -1.0
+UNMEASURED_RANK = Grade.BAD.rank - 0.5
 
 
 def get_path(doc: Mapping[str, Any], dotted: str) -> Any:
@@ -66,6 +71,22 @@ def number(value: Any) -> float | None:
         return None
     f = float(value)
     return f if math.isfinite(f) else None
+
+
+def grade_of(value: Any) -> Grade | None:
+    """``qc.grade`` as a :class:`Grade`; ``None`` when absent or not one of the grades."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return Grade(value)
+    except ValueError:
+        return None
+
+
+def grade_rank(value: Any) -> float:
+    """:attr:`Grade.rank` (0 best), :data:`UNKNOWN_RANK` for anything that is not a grade."""
+    grade = grade_of(value)
+    return float(grade.rank) if grade is not None else UNKNOWN_RANK
 
 
 def last_completed_night(now: dt.datetime, hour_utc: int) -> str:
@@ -104,12 +125,13 @@ class NightData:
 def badness(doc: Mapping[str, Any]) -> tuple[float, ...]:
     """Sort key of how bad a science frame is (larger is worse).
 
-    The grade first (F worst); a frame that could not be measured (ingest or QC failed) ranks
-    between C and F: often clouds or trailing, but unknown.  Then the number of flags, then FWHM.
+    The grade first (:attr:`Grade.rank`, bad worst); a frame that could not be measured (ingest
+    or QC failed) ranks between fair and bad: often clouds or trailing, but unknown.  Then the
+    number of flags, then FWHM.
     """
-    grade = float(GRADE_RANK.get(str(get_path(doc, "qc.grade")), -1))
-    if get_path(doc, "ingest.status") != "ok" or get_path(doc, "qc.status") == "failed":
-        grade = max(grade, 2.5)
+    grade = grade_rank(get_path(doc, "qc.grade"))
+    if get_path(doc, "ingest.status") != IngestStatus.OK or get_path(doc, "qc.status") == QCStatus.FAILED:
+        grade = max(grade, UNMEASURED_RANK)
     flags = get_path(doc, "qc.flags")
     n_flags = len(flags) if isinstance(flags, list) else 0
     fwhm = number(get_path(doc, "qc.fwhm_arcsec"))
@@ -131,7 +153,7 @@ async def gather_night(database: Database, night: str, *, worst_n: int = 10) -> 
     science = [
         doc
         async for doc in exposures.find(
-            {"calib_date": night, "observation_type": "science"}, _SCIENCE_PROJECTION
+            {"calib_date": night, "observation_type": ObservationType.SCIENCE}, _SCIENCE_PROJECTION
         ).sort([("date_obs", 1), ("filename", 1)])
     ]
     cursor = await exposures.aggregate(
@@ -164,7 +186,8 @@ async def gather_night(database: Database, night: str, *, worst_n: int = 10) -> 
     failures = [
         doc
         async for doc in exposures.find(
-            {"calib_date": night, "ingest.status": {"$in": ["failed", "quarantined"]}},
+            {"calib_date": night,
+             "ingest.status": {"$in": [IngestStatus.FAILED, IngestStatus.QUARANTINED]}},
             {"_id": 0, "filename": 1, "observation_type": 1, "camera": 1, "ingest": 1},
         ).sort("filename", 1)
     ]

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from huntsman import __version__
-from huntsman.report.data import NightData, get_path, number, worst_frames
+from huntsman.models import Grade, IngestStatus, QCStatus, WcsStatus
+from huntsman.report.data import NightData, get_path, grade_of, number, worst_frames
 
-__all__ = ["CSS", "fmt", "render_html", "table"]
+__all__ = ["CSS", "GRADE_CSS", "UNKNOWN_CSS", "fmt", "grade_css", "render_html", "table"]
 
 DASH = "—"
+
+# The colour (CSS class) of every grade; a value that is not a grade is "unknown" (grey).
+GRADE_CSS: Mapping[Grade, str] = {Grade.GOOD: "good", Grade.FAIR: "warn", Grade.BAD: "bad"}
+UNKNOWN_CSS = "unknown"
+# Status columns whose failure is shown in the "bad" colour.
+_FAILED = {
+    "ingest.status": IngestStatus.FAILED,
+    "wcs.status": WcsStatus.FAILED,
+    "qc.status": QCStatus.FAILED,
+}
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1300px;
@@ -24,7 +35,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f0f0f0;position:sticky;top:0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr:nth-child(even) td{background:#fafafa}
-.bad{color:#b03a2e;font-weight:600}.warn{color:#b9770e}.good{color:#1e8449}
+.bad{color:#b03a2e;font-weight:600}.warn{color:#b9770e}.good{color:#1e8449}.unknown{color:#888}
 .plots img{max-width:100%;border:1px solid #eee;margin:.3em 0}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:.8em}
 code{font-size:.9em}
@@ -64,15 +75,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], css_id: str | N
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _grade_css(grade: Any) -> str | None:
-    g = str(grade)
-    if g in ("F", "bad", "C"):
-        return "bad"
-    if g in ("B", "marginal"):
-        return "warn"
-    if g in ("A", "good"):
-        return "good"
-    return None
+def grade_css(value: Any) -> str | None:
+    """The CSS class of a ``qc.grade`` cell: :data:`GRADE_CSS`, ``unknown`` for a value that is
+    not a grade, none for a missing one (shown as "—")."""
+    if value is None:
+        return None
+    grade = grade_of(value)
+    return GRADE_CSS[grade] if grade is not None else UNKNOWN_CSS
 
 
 SCIENCE_COLUMNS: tuple[tuple[str, str, int], ...] = (
@@ -100,8 +109,8 @@ def _science_row(doc: dict[str, Any]) -> list[str]:
     cells = [f"<td><code>{html.escape(str(doc.get('filename')))}</code></td>"]
     for field, _, digits in SCIENCE_COLUMNS:
         value = get_path(doc, field)
-        css = _grade_css(value) if field == "qc.grade" else None
-        if field in ("qc.status", "ingest.status", "wcs.status") and value == "failed":
+        css = grade_css(value) if field == "qc.grade" else None
+        if field in _FAILED and value == _FAILED[field]:
             css = "bad"
         cells.append(_cell(value, digits, css))
     return cells
@@ -122,7 +131,7 @@ def _worst_rows(data: NightData) -> list[list[str]]:
             [
                 f"<td><code>{html.escape(str(doc.get('filename')))}</code></td>",
                 _cell(doc.get("camera")),
-                _cell(get_path(doc, "qc.grade"), css=_grade_css(get_path(doc, "qc.grade"))),
+                _cell(get_path(doc, "qc.grade"), css=grade_css(get_path(doc, "qc.grade"))),
                 _cell(get_path(doc, "qc.status")),
                 _cell(get_path(doc, "qc.fwhm_arcsec")),
                 _cell(get_path(doc, "qc.ellipticity")),

@@ -13,11 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from huntsman.models import IngestStatus, ObservationType, QCStatus
 from huntsman.report.data import NightData, get_path, number
 from huntsman.science.paths import path_component, write_atomic
 
 __all__ = [
     "CAMERA_PANELS",
+    "NOT_RUN",
+    "STATUS_COLOURS",
     "camera_plot_name",
     "plot_camera",
     "plot_field_fwhm",
@@ -93,7 +96,8 @@ def plot_camera(camera: str, frames: Sequence[dict[str, Any]], night: str, path:
                 labels.append(lab)
     if handles:
         axes[0].legend(handles, labels, title="filter", fontsize="small", loc="best")
-    axes[-1].xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+    # matplotlib.dates has no type annotations.
+    axes[-1].xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))  # type: ignore[no-untyped-call]
     axes[-1].set_xlabel("UTC")
     fig.suptitle(f"{camera} — night {night} ({len(frames)} science frames)")
     _save(fig, path)
@@ -121,7 +125,8 @@ def _median_grid(frames: Sequence[dict[str, Any]]) -> np.ndarray | None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells stay NaN
-            return np.nanmedian(np.stack(grids), axis=0)
+            median: np.ndarray = np.nanmedian(np.stack(grids), axis=0)
+            return median
 
 
 def plot_field_fwhm(by_camera: dict[str, list[dict[str, Any]]], night: str, path: Path) -> Path | None:
@@ -154,13 +159,16 @@ def plot_field_fwhm(by_camera: dict[str, list[dict[str, Any]]], night: str, path
     return path
 
 
-_STATUS_COLOURS = {
-    "ok": "#4c9a2a",
-    "done": "#4c9a2a",
-    "failed": "#c0392b",
-    "quarantined": "#7b241c",
-    "waiting_calibs": "#e6a23c",
-    "not run": "#999999",
+NOT_RUN = "not run"  # a frame the stage has not written yet
+# The bar colour of every ingest and QC status (``failed`` is the same string in both).
+STATUS_COLOURS: dict[str, str] = {
+    IngestStatus.OK: "#4c9a2a",
+    IngestStatus.FAILED: "#c0392b",
+    IngestStatus.QUARANTINED: "#7b241c",
+    QCStatus.DONE: "#4c9a2a",
+    QCStatus.FAILED: "#c0392b",
+    QCStatus.WAITING_CALIBS: "#e6a23c",
+    NOT_RUN: "#999999",
 }
 
 
@@ -172,7 +180,7 @@ def plot_frames(counts: Sequence[dict[str, Any]], night: str, path: Path) -> Pat
 
     def stacked(ax: Any, rows: Sequence[dict[str, Any]], key: str, categories: list[str]) -> None:
         def label(value: Any) -> str:
-            return "not run" if value is None else str(value)
+            return NOT_RUN if value is None else str(value)
 
         statuses = sorted({label(r[key]) for r in rows})
         bottom = np.zeros(len(categories))
@@ -185,7 +193,7 @@ def plot_frames(counts: Sequence[dict[str, Any]], night: str, path: Path) -> Pat
                 dtype=float,
             )
             ax.bar(
-                categories, heights, bottom=bottom, label=status, color=_STATUS_COLOURS.get(status.lower())
+                categories, heights, bottom=bottom, label=status, color=STATUS_COLOURS.get(status.lower())
             )
             bottom += heights
         if statuses:
@@ -194,8 +202,8 @@ def plot_frames(counts: Sequence[dict[str, Any]], night: str, path: Path) -> Pat
     stacked(left, counts, "ingest_status", types)
     left.set_title("frames by type and ingest status")
     left.set_ylabel("frames")
-    science = [r for r in counts if r["observation_type"] == "science"]
-    stacked(right, science, "qc_status", ["science"] if science else [])
+    science = [r for r in counts if r["observation_type"] == ObservationType.SCIENCE]
+    stacked(right, science, "qc_status", [ObservationType.SCIENCE.value] if science else [])
     right.set_title("science frames by QC status")
     fig.suptitle(f"night {night}")
     _save(fig, path)

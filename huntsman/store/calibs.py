@@ -16,12 +16,14 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
-from huntsman.models import utcnow
+from huntsman.models import ObservationType, utcnow
 from huntsman.store.encoding import bson_safe
 
 __all__ = ["CALIB_TYPES", "CalibCollection", "CalibDocument", "Unit", "calib_date_of", "days_between"]
 
-CALIB_TYPES = ("bias", "dark", "flat")
+CALIB_TYPES: tuple[ObservationType, ...] = (
+    ObservationType.BIAS, ObservationType.DARK, ObservationType.FLAT,
+)
 DEFAULT_MAX_AGE_DAYS = 14.0
 
 CalibDocument = dict[str, Any]
@@ -175,7 +177,7 @@ class CalibCollection:
             "superseded": False,
             "date": {"$gte": _shift(day, -age), "$lte": _shift(day, age)},
         }
-        if calib_type == "flat":
+        if calib_type == ObservationType.FLAT:
             if physical_filter is None:
                 return None
             query["physical_filter"] = physical_filter
@@ -204,7 +206,7 @@ class CalibCollection:
         for calib_type in CALIB_TYPES:
             doc = await self.match_one(
                 calib_type, camera, date_obs, physical_filter,
-                ccd_temp=ccd_temp if calib_type == "dark" else None, max_age_days=max_age_days,
+                ccd_temp=ccd_temp if calib_type == ObservationType.DARK else None, max_age_days=max_age_days,
             )
             if doc is None:
                 return None

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from huntsman.config import DatabaseConfig
@@ -41,7 +42,7 @@ UNREACHABLE = (ConnectionFailure,)
 class ServiceRegistry:
     """The ``service`` collection: one heartbeat document per running service instance."""
 
-    def __init__(self, collection: Any) -> None:
+    def __init__(self, collection: AsyncCollection[dict[str, Any]]) -> None:
         self.collection = collection
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -199,31 +200,39 @@ class DatabaseMonitor:
             if self.server is None:
                 await asyncio.sleep(interval)
             if await self._healthy():
-                if time.monotonic() - self._up_since > self.STABLE_S:
-                    self._attempts = 0
-                if self._outage_since is not None:
-                    self.log.info("database_recovered",
-                                  outage_s=round(time.monotonic() - self._outage_since, 1))
-                    self._outage_since = None
-                    self.on_recovered()
-                continue
-            now = time.monotonic()
-            if self._outage_since is not None and not self.may_restart():
-                # Its disk is full: that is the disk watch's to report, and writers wait for it.
-                # The outage clock (exit, restart) runs only while the disk has room.
-                self._outage_since = now
-            if self._outage_since is None:
-                self._outage_since = now
-                self.outages += 1
-                self.log.warning("database_unreachable")
-            elif now - self._outage_since > self.config.max_outage_s:
-                self._lost(f"database unreachable for more than {self.config.max_outage_s:g} s")
+                self._up()
+            elif not await self._down():
                 return
-            elif self._unhealthy_server(now):
-                self.log.error("embedded_server_unhealthy", error=self._last_error,
-                               unhealthy_s=round(now - self._outage_since, 1))
-                if not await self._restart():
-                    return
+
+    def _up(self) -> None:
+        """A health check passed: end an outage (and reconcile), reset the restart bound."""
+        if time.monotonic() - self._up_since > self.STABLE_S:
+            self._attempts = 0
+        if self._outage_since is not None:
+            self.log.info("database_recovered",
+                          outage_s=round(time.monotonic() - self._outage_since, 1))
+            self._outage_since = None
+            self.on_recovered()
+
+    async def _down(self) -> bool:
+        """A health check failed: run the outage clock; ``False`` once the database is lost."""
+        now = time.monotonic()
+        if self._outage_since is not None and not self.may_restart():
+            # Its disk is full: that is the disk watch's to report, and writers wait for it.
+            # The outage clock (exit, restart) runs only while the disk has room.
+            self._outage_since = now
+        if self._outage_since is None:
+            self._outage_since = now
+            self.outages += 1
+            self.log.warning("database_unreachable")
+        elif now - self._outage_since > self.config.max_outage_s:
+            self._lost(f"database unreachable for more than {self.config.max_outage_s:g} s")
+            return False
+        elif self._unhealthy_server(now):
+            self.log.error("embedded_server_unhealthy", error=self._last_error,
+                           unhealthy_s=round(now - self._outage_since, 1))
+            return await self._restart()
+        return True
 
     async def _died(self, interval_s: float) -> bool:
         """Wait up to ``interval_s`` for the embedded child to exit; whether it did."""

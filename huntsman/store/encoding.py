@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Mapping
-from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -17,10 +16,13 @@ def bson_safe(value: Any) -> Any:
     """A copy of ``value`` that BSON accepts and that reads back the same.
 
     numpy scalars become Python numbers, NaN/inf become ``None``, naive datetimes are
-    refused (every datetime in this service is aware UTC), tuples become lists.
+    refused (every datetime in this service is aware UTC), tuples become lists, ``StrEnum``
+    members (statuses, grades, observation types) become their plain strings.
     """
-    if value is None or isinstance(value, str | bool):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return str(value)  # a StrEnum member as its value
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, int | np.integer):
@@ -40,6 +42,4 @@ def bson_safe(value: Any) -> Any:
         return [bson_safe(v) for v in value]
     if isinstance(value, np.ndarray):
         return [bson_safe(v) for v in value.tolist()]
-    if isinstance(value, PurePath):
-        return str(value)
-    return str(value)
+    return str(value)  # paths, and anything else BSON does not know

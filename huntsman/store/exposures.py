@@ -1,4 +1,10 @@
-"""The ``exposures`` collection: one document per raw file."""
+"""The ``exposures`` collection: one document per raw file.
+
+Each stage's sub-documents have one writer here (:meth:`ExposureCollection.record_ingest`,
+:meth:`~ExposureCollection.record_solve`, :meth:`~ExposureCollection.record_qc`; records and
+fields in :mod:`huntsman.store.records`); the other methods keep the file identity (renames,
+deletions, hard links) and read.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from huntsman.models import IngestResult, IngestStatus, utcnow
 from huntsman.store.encoding import bson_safe
+from huntsman.store.records import QCRecord, SolveRecord, qc_fields, solve_fields
 
 __all__ = ["ExposureCollection", "ExposureDocument", "FileIdentity", "FileState"]
 
@@ -40,7 +47,7 @@ class FileState:
     """What the database knows of a file, enough to decide whether to (re)ingest it."""
 
     filename: str
-    status: str | None
+    status: IngestStatus | None
     tries: int
     file_size: int | None
     file_mtime_ns: int | None
@@ -57,7 +64,7 @@ class FileState:
         file = doc.get("file") or {}
         return cls(
             filename=doc["filename"],
-            status=ingest.get("status"),
+            status=_ingest_status(ingest.get("status")),
             tries=int(ingest.get("tries") or 0),
             file_size=file.get("size"),
             file_mtime_ns=file.get("mtime_ns"),
@@ -70,6 +77,14 @@ class FileState:
 
     def same_inode(self, ident: FileIdentity | None) -> bool:
         return ident is not None and (self.file_dev, self.file_ino) == (ident.dev, ident.ino)
+
+
+def _ingest_status(value: Any) -> IngestStatus | None:
+    """``ingest.status`` as read back; anything else (absent, unknown) is ``None``."""
+    try:
+        return IngestStatus(value)
+    except ValueError:
+        return None
 
 
 # The document is a plain dict in the database; this alias names it where it is handled.
@@ -143,12 +158,6 @@ class ExposureCollection:
         doc = await self.collection.find_one({"filename": filename}, _STATE_PROJECTION)
         return FileState.from_doc(doc) if doc is not None else None
 
-    async def iter_states(self) -> AsyncIterator[FileState]:
-        """Every file's state, streamed (used by the reconciliation scan)."""
-        cursor = self.collection.find({}, _STATE_PROJECTION, batch_size=5000)
-        async for doc in cursor:
-            yield FileState.from_doc(doc)
-
     async def record_ingest(
         self,
         result: IngestResult,
@@ -157,11 +166,13 @@ class ExposureCollection:
         previous: FileState | None,
         max_tries: int,
         same_content: bool,
-    ) -> str:
+    ) -> IngestStatus:
         """Write the outcome of one ingestion in a single atomic upsert; returns the status.
 
-        ``tries`` counts attempts on the same content; a changed file starts again from one.
-        A failure on the ``max_tries``-th attempt quarantines the file.
+        The only writer of ``ingest`` and ``metrics`` (with the standard fields, ``header``,
+        ``file.*`` and ``timing.{shutter_close,file_seen,ingested}``).  ``tries`` counts
+        attempts on the same content; a changed file starts again from one.  A failure on the
+        ``max_tries``-th attempt quarantines the file.
         """
         tries = (previous.tries if previous is not None and same_content else 0) + 1
         if result.ok:
@@ -183,7 +194,7 @@ class ExposureCollection:
             "file.ino": result.file_ino,
             "file.missing": False,
             "ingest": {
-                "status": str(status),
+                "status": status,
                 "error": result.error,
                 "warnings": list(result.warnings),
                 "tries": tries,
@@ -203,11 +214,34 @@ class ExposureCollection:
             },
             upsert=True,
         )
-        return str(status)
+        return status
+
+    async def record_solve(self, filename: str, record: SolveRecord) -> None:
+        """Write one plate-solving state or outcome on an existing document.
+
+        The only writer of ``wcs``, ``pointing`` and ``timing.solved`` (set for an attempt's
+        outcome, solved or failed; see :func:`~huntsman.store.records.solve_fields`).
+        """
+        await self._set(filename, solve_fields(record, utcnow()))
+
+    async def record_qc(self, filename: str, record: QCRecord) -> None:
+        """Write one QC state or outcome on an existing document, as one ``$set`` of ``qc``.
+
+        The only writer of ``qc`` and ``timing.qc_done`` (set for a measurement's outcome,
+        done or failed; see :func:`~huntsman.store.records.qc_fields`).
+        """
+        await self._set(filename, qc_fields(record, utcnow()))
 
     async def set_fields(self, filename: str, fields: Mapping[str, Any]) -> None:
-        """Set (dotted) fields of an existing document (a nested ``file`` object is merged)."""
-        update = {**_flatten_file(fields), "date_modified": utcnow()}
+        """Set (dotted) fields of an existing document (a nested ``file`` object is merged).
+
+        For the file identity (``file.*``) and for tests; a stage's sub-documents are written
+        by its ``record_*`` function.
+        """
+        await self._set(filename, _flatten_file(fields))
+
+    async def _set(self, filename: str, fields: Mapping[str, Any]) -> None:
+        update = {**fields, "date_modified": utcnow()}
         await self.collection.update_one({"filename": filename}, {"$set": bson_safe(update)})
 
     # -- file identity: renames, deletions, hard links ---------------------------------------
