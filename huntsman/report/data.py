@@ -15,6 +15,7 @@ from typing import Any
 
 from huntsman.models import utcnow
 from huntsman.store.database import Database
+from huntsman.values import get_path  # re-exported for the report and the status page
 
 __all__ = [
     "NightData",
@@ -48,16 +49,6 @@ _SCIENCE_PROJECTION = {
 
 # Grades from best (0) to worst; both spellings of the QC contract are accepted.
 GRADE_RANK = {"A": 0, "good": 0, "B": 1, "marginal": 1, "C": 2, "bad": 3, "F": 3}
-
-
-def get_path(doc: Mapping[str, Any], dotted: str) -> Any:
-    """``doc["a"]["b"]`` for ``"a.b"``, ``None`` when any level is missing or not a mapping."""
-    value: Any = doc
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
 
 
 def number(value: Any) -> float | None:
