@@ -1,6 +1,7 @@
 """Sky brightness, photometric zeropoint and 5σ depth of a calibrated science frame.
 
-The background is :mod:`huntsman.science.background` and every MAD clipping
+The background is :mod:`huntsman.science.background`, the centroids
+:mod:`huntsman.science.centroid` and every MAD clipping
 :mod:`huntsman.science.robust`; this module holds the star measurements and the photometry.
 
 Conventions
@@ -54,10 +55,10 @@ import numpy as np
 import sep
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
-from scipy.ndimage import uniform_filter
 from scipy.spatial import cKDTree
 
 from huntsman.science.background import SkyBackground, estimate_background
+from huntsman.science.centroid import refine_positions
 from huntsman.science.refcat import (
     RefCatalogue,
     astrometric_residual,
@@ -76,7 +77,6 @@ __all__ = [
     "measure_photometry",
 ]
 
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _MAG_PER_SNR = 2.5 / math.log(10.0)  # σ_mag = 1.0857 / SNR
 
 
@@ -251,51 +251,6 @@ class _Stars:
     usable_tot: np.ndarray  # same for the total aperture, plus isolation out to the annulus
 
 
-def _refine_positions(
-    sub: np.ndarray, bad: np.ndarray, x0: np.ndarray, y0: np.ndarray, search_px: float,
-    fwhm_px: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Brightest 3×3 spot within ``search_px`` of each prediction, then a windowed centroid."""
-    ny, nx = sub.shape
-    s = math.ceil(search_px)
-    xp = np.array(x0, dtype=float)
-    yp = np.array(y0, dtype=float)
-    xc, yc = np.rint(xp).astype(np.intp), np.rint(yp).astype(np.intp)
-    # Stars whose (2s+3)^2 cut-out lies inside the frame: all at once (in chunks); the rest
-    # (cut-outs clipped at an edge, whose 3x3 filter sees a different border) one by one.
-    whole = (xc - s - 1 >= 0) & (xc + s + 2 <= nx) & (yc - s - 1 >= 0) & (yc + s + 2 <= ny)
-    off = np.arange(-s - 1, s + 2)
-    width = off.size
-    todo = np.flatnonzero(whole)
-    for chunk in np.array_split(todo, max(1, todo.size * width * width // 2_000_000 + 1)):
-        if chunk.size == 0:
-            continue
-        gx = xc[chunk, None] + off  # (n, w)
-        gy = yc[chunk, None] + off
-        cut = uniform_filter(sub[gy[:, :, None], gx[:, None, :]].astype(np.float64),
-                             size=(1, 3, 3), mode="nearest")
-        far = np.hypot((gx - xp[chunk, None])[:, None, :], (gy - yp[chunk, None])[:, :, None])
-        cut[far > search_px] = -np.inf
-        k = np.argmax(cut.reshape(chunk.size, -1), axis=1)
-        yp[chunk] = gy[:, 0] + k // width
-        xp[chunk] = gx[:, 0] + k % width
-    for i in np.flatnonzero(~whole):
-        xi, yi = x0[i], y0[i]
-        xa, xb, ya, yb = max(xc[i] - s - 1, 0), min(xc[i] + s + 2, nx), max(yc[i] - s - 1, 0), \
-            min(yc[i] + s + 2, ny)
-        cut1 = uniform_filter(sub[ya:yb, xa:xb].astype(np.float64), size=3, mode="nearest")
-        my, mx = np.mgrid[ya:yb, xa:xb]
-        cut1[np.hypot(mx - xi, my - yi) > search_px] = -np.inf
-        k1 = int(np.argmax(cut1))
-        yp[i], xp[i] = ya + k1 // cut1.shape[1], xa + k1 % cut1.shape[1]
-    sig = max(fwhm_px * _FWHM_TO_SIGMA, 0.5)
-    xw, yw, flag = sep.winpos(sub, xp, yp, sig, mask=bad.view(np.uint8))
-    ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw)
-    ok &= np.hypot(xw - xp, yw - yp) <= max(2.0, 0.5 * fwhm_px)
-    ok &= np.hypot(xw - x0, yw - y0) <= search_px + 0.5
-    return np.asarray(xw, float), np.asarray(yw, float), ok
-
-
 def _measure_stars(
     bg: SkyBackground, data: np.ndarray, cat: RefCatalogue, x0: np.ndarray, y0: np.ndarray,
     filter_name: str, fwhm_px: float, search_px: float, gain: float, p: PhotometryParams,
@@ -321,7 +276,7 @@ def _measure_stars(
     cand = np.isfinite(mag_all) & (x0 >= edge) & (x0 <= nx - 1 - edge) & (y0 >= edge) \
         & (y0 <= ny - 1 - edge) & (n_close <= 1)
     idx = np.flatnonzero(cand)
-    xw, yw, ok = _refine_positions(bg.sub, bg.bad, x0[idx], y0[idx], search_px, fwhm_px)
+    xw, yw, ok = refine_positions(bg.sub, bg.bad, x0[idx], y0[idx], search_px, fwhm_px)
     idx, xw, yw = idx[ok], xw[ok], yw[ok]
 
     n = idx.size
