@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from huntsman.models import DetectorConstants
 from huntsman.science import synthetic as syn
 from huntsman.science.metrics import MetricParams, compute_metrics
 from huntsman.science.psf import true_image_fwhm
@@ -42,7 +43,7 @@ def main() -> int:
 
     img, psf = _frame(args.seed)
     true = true_image_fwhm(psf.fwhm_px, psf.beta, psf.axis_ratio, psf.theta_deg)
-    params = MetricParams(exptime_s=300.0)
+    params = MetricParams(DetectorConstants(), exptime_s=300.0)
     compute_metrics(img[:512, :512], "science", params=params)  # warm-up: lazy imports
 
     cpu, wall = [], []

@@ -21,6 +21,7 @@ from astropy.io import fits
 from astropy.utils import iers
 from astropy.wcs import WCS
 
+from huntsman.models import DetectorConstants
 from huntsman.science.astrometry import SolveParams, extract_sources, solve_field
 from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame
 from huntsman.science.synthetic import MoffatPSF
@@ -68,7 +69,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as work:
             result = solve_field(
                 SHAPE, sources, hint_ra_deg=ra + 0.3, hint_dec_deg=dec - 0.2,
-                params=SolveParams(timeout_s=60.0), workdir=work,
+                params=SolveParams(pixel_scale_arcsec=DetectorConstants().pixel_scale_arcsec,
+                                   timeout_s=60.0),
+                workdir=work,
             )
         rms = (
             _rms_arcsec(wcs, WCS(fits.Header(result.header)))

@@ -120,6 +120,17 @@ def qc_headlines(r: dict[str, Any]) -> list[Headline]:
     ]
 
 
+def photometry_headlines(r: dict[str, Any]) -> list[Headline]:
+    m = r.get("methods", {})
+    return [
+        figure("annulus backgrounds wall_s (huntsman)", get(m, "huntsman.wall_s"), "s"),
+        figure("speedup_vs_photutils.LocalBackground", r.get("speedup_vs_local_background"), "x",
+               ">=", 2.0, "issue 10: ours kept only if it wins clearly"),
+        figure("speedup_vs_photutils.ApertureStats", r.get("speedup_vs_aperture_stats"), "x",
+               ">=", 2.0, "issue 10: ours kept only if it wins clearly"),
+    ]
+
+
 def http_load_headlines(r: dict[str, Any]) -> list[Headline]:
     rows = [figure(t["figure"], t["value"], t["unit"], t["op"], t["target"], t["source"])
             for t in r.get("targets", [])]
@@ -154,6 +165,7 @@ BENCHMARKS = (
     Benchmark("stacking", "bench_stacking.py", (), ("--n", "5", "--ccdproc-timeout", "120"), 3600,
               stacking_headlines),
     Benchmark("solve", "bench_solve.py", (), ("--frames", "3"), 1800, solve_headlines),
+    Benchmark("photometry", "bench_photometry.py", (), ("--quick",), 900, photometry_headlines),
     Benchmark("qc", "bench_qc.py", (), ("--quick", "--frames", "1", "--night-frames", "2"), 1800,
               qc_headlines),
 )

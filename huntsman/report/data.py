@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from huntsman.models import Grade, IngestStatus, ObservationType, QCStatus, utcnow
 from huntsman.store.database import Database
+from huntsman.values import finite_or_none, get_path
 
 __all__ = [
     "UNKNOWN_RANK",
     "NightData",
     "badness",
     "gather_night",
-    "get_path",
     "grade_of",
     "grade_rank",
     "last_completed_night",
-    "number",
     "worst_frames",
 ]
 
@@ -53,24 +51,6 @@ _SCIENCE_PROJECTION = {
 # frames known to be bad first); a frame that could not be measured ranks between fair and bad.
 UNKNOWN_RANK = -1.0
 UNMEASURED_RANK = Grade.BAD.rank - 0.5
-
-
-def get_path(doc: Mapping[str, Any], dotted: str) -> Any:
-    """``doc["a"]["b"]`` for ``"a.b"``, ``None`` when any level is missing or not a mapping."""
-    value: Any = doc
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
-
-
-def number(value: Any) -> float | None:
-    """A finite float, or ``None`` for anything else (missing, text, NaN)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    f = float(value)
-    return f if math.isfinite(f) else None
 
 
 def grade_of(value: Any) -> Grade | None:
@@ -134,9 +114,9 @@ def badness(doc: Mapping[str, Any]) -> tuple[float, ...]:
         grade = max(grade, UNMEASURED_RANK)
     flags = get_path(doc, "qc.flags")
     n_flags = len(flags) if isinstance(flags, list) else 0
-    fwhm = number(get_path(doc, "qc.fwhm_arcsec"))
+    fwhm = finite_or_none(get_path(doc, "qc.fwhm_arcsec"))
     if fwhm is None:
-        fwhm = number(get_path(doc, "metrics.fwhm_arcsec")) or 0.0
+        fwhm = finite_or_none(get_path(doc, "metrics.fwhm_arcsec")) or 0.0
     return (grade, float(n_flags), fwhm)
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from huntsman import __version__
 from huntsman.models import Grade, IngestStatus, QCStatus, WcsStatus
-from huntsman.report.data import NightData, get_path, grade_of, number, worst_frames
+from huntsman.report.data import NightData, grade_of, worst_frames
+from huntsman.values import finite_or_none, get_path
 
 __all__ = ["CSS", "GRADE_CSS", "UNKNOWN_CSS", "fmt", "grade_css", "render_html", "table"]
 
@@ -51,7 +52,7 @@ def fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.UTC).strftime("%H:%M:%S")
     if isinstance(value, int | float):
-        f = number(value)
+        f = finite_or_none(value)
         if f is None:
             return DASH
         return str(int(f)) if isinstance(value, int) else f"{f:.{digits}f}"
@@ -62,7 +63,7 @@ def fmt(value: Any, digits: int = 2) -> str:
 
 def _cell(value: Any, digits: int = 2, css: str | None = None) -> str:
     text = html.escape(fmt(value, digits))
-    classes = [c for c in ("num" if number(value) is not None else None, css) if c]
+    classes = [c for c in ("num" if finite_or_none(value) is not None else None, css) if c]
     attr = f' class="{" ".join(classes)}"' if classes else ""
     return f"<td{attr}>{text}</td>"
 

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from huntsman.models import IngestStatus, ObservationType, QCStatus
-from huntsman.report.data import NightData, get_path, number
+from huntsman.report.data import NightData
 from huntsman.science.paths import path_component, write_atomic
+from huntsman.values import finite_or_none, get_path
 
 __all__ = [
     "CAMERA_PANELS",
@@ -58,7 +59,7 @@ def _series(frames: Sequence[dict[str, Any]], field: str) -> dict[str, tuple[lis
     """Per filter: times and values of ``field`` (frames without either are skipped)."""
     out: dict[str, tuple[list[dt.datetime], list[float]]] = {}
     for doc in frames:
-        when, value = doc.get("date_obs"), number(get_path(doc, field))
+        when, value = doc.get("date_obs"), finite_or_none(get_path(doc, field))
         if not isinstance(when, dt.datetime) or value is None:
             continue
         times, values = out.setdefault(str(doc.get("physical_filter") or "?"), ([], []))
@@ -111,7 +112,7 @@ def _median_grid(frames: Sequence[dict[str, Any]]) -> np.ndarray | None:
         if not isinstance(grid, list) or not grid:
             continue
         try:
-            rows = [[number(v) for v in row] for row in grid]
+            rows = [[finite_or_none(v) for v in row] for row in grid]
             arr = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
         except (TypeError, ValueError):
             continue

@@ -36,11 +36,16 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
+
+from huntsman.models import WcsStatus
+
+if TYPE_CHECKING:
+    from astropy.coordinates import EarthLocation
 
 __all__ = [
     "DEFAULT_INDEX_DIR",
@@ -72,7 +77,8 @@ class SolveParams:
     Attributes
     ----------
     pixel_scale_arcsec : float
-        Expected pixel scale (arcsec/px).
+        Expected pixel scale (arcsec/px): the detector's
+        (:class:`~huntsman.models.DetectorConstants`), no default.
     scale_tolerance : float
         Fractional tolerance on the scale: searched range is ``scale * (1 ± tolerance)``.
     cpu_limit_s : float
@@ -97,7 +103,7 @@ class SolveParams:
         After a hinted attempt finds no solution, try blind in the remaining wall time.
     """
 
-    pixel_scale_arcsec: float = 1.24
+    pixel_scale_arcsec: float
     scale_tolerance: float = 0.10
     cpu_limit_s: float = 30.0
     timeout_s: float = 60.0
@@ -119,7 +125,7 @@ class SolveResult:
     North through East, in [0, 360).
     """
 
-    status: Literal["solved", "failed"]
+    status: WcsStatus  # SOLVED or FAILED
     error: str | None = None
     header: dict[str, str | int | float] = dataclasses.field(default_factory=dict)
     ra_center: float | None = None
@@ -187,6 +193,9 @@ def extract_sources(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Detect point sources with ``sep`` after subtracting a smooth background.
 
+    Background and detection are :mod:`huntsman.science.background`'s (the service's one mesh
+    policy), deblended finely (``deblend_cont=0.005``) so close pairs give two positions.
+
     Parameters
     ----------
     data : numpy.ndarray, shape (ny, nx)
@@ -205,14 +214,14 @@ def extract_sources(
     """
     import sep
 
+    from huntsman.science.background import detect, sep_background
+
     image = np.ascontiguousarray(data, dtype=np.float32)
-    bkg = sep.Background(image, bw=128, bh=128)
+    bkg = sep_background(image)
     residual = image - bkg.back()
-    sep.set_extract_pixstack(max(300_000, image.size // 20))
     sep.set_sub_object_limit(4096)
-    objects = sep.extract(
-        residual, threshold_sigma, err=bkg.globalrms, minarea=min_area_px, deblend_cont=0.005
-    )
+    objects = detect(residual, threshold_sigma, bkg.globalrms, minarea=min_area_px,
+                     deblend_cont=0.005)
     good = (objects["flag"] & 0x04) == 0  # drop sources truncated by the pixel stack
     objects = objects[good]
     order = np.argsort(-objects["flux"])
@@ -360,7 +369,7 @@ def solve_field(
     *,
     hint_ra_deg: float | None = None,
     hint_dec_deg: float | None = None,
-    params: SolveParams = SolveParams(),
+    params: SolveParams,
     workdir: str | Path,
 ) -> SolveResult:
     """Plate-solve a frame from its source list with astrometry.net's ``solve-field``.
@@ -388,10 +397,10 @@ def solve_field(
     ny, nx = image_shape
     ok, reason = available(params.index_dirs)
     if not ok:
-        return SolveResult(status="failed", error=reason)
+        return SolveResult(status=WcsStatus.FAILED, error=reason)
     x, y, flux = (np.asarray(a, dtype=np.float64) for a in sources)
     if x.size < 4:
-        return SolveResult(status="failed", error=f"too few sources to solve ({x.size} < 4)")
+        return SolveResult(status=WcsStatus.FAILED, error=f"too few sources to solve ({x.size} < 4)")
     hinted = hint_ra_deg is not None and hint_dec_deg is not None
     work = Path(workdir)
     ds = max(1, int(params.downsample))
@@ -434,11 +443,11 @@ def solve_field(
         try:
             rc, output = _run(cmd, remaining, work)
         except FileNotFoundError:
-            return SolveResult(status="failed", error="solve-field not found on PATH")
+            return SolveResult(status=WcsStatus.FAILED, error="solve-field not found on PATH")
         if rc is None:
             error = f"timeout: no solution within the wall-time limit of {params.timeout_s:g} s"
             return SolveResult(
-                status="failed", error=error, solve_time_s=time.monotonic() - start,
+                status=WcsStatus.FAILED, error=error, solve_time_s=time.monotonic() - start,
                 attempts=n, blind=not use_hint,
             )
         wcs_path = work / f"{base}.wcs"
@@ -465,7 +474,7 @@ def solve_field(
             else None
         )
         return SolveResult(
-            status="solved", header=header, ra_center=ra_c, dec_center=dec_c,
+            status=WcsStatus.SOLVED, header=header, ra_center=ra_c, dec_center=dec_c,
             pixel_scale_arcsec=scale, rotation_deg=rotation,
             solve_time_s=time.monotonic() - start,
             index_used=Path(m.group(1)).name if m else None,
@@ -473,7 +482,7 @@ def solve_field(
             attempts=n, blind=not use_hint,
         )
     return SolveResult(
-        status="failed", error=error, solve_time_s=time.monotonic() - start,
+        status=WcsStatus.FAILED, error=error, solve_time_s=time.monotonic() - start,
         attempts=len(attempts), blind=not attempts[-1],
     )
 
@@ -596,9 +605,7 @@ def pointing_metrics(
     image_shape: tuple[int, int],
     date_obs: dt.datetime,
     *,
-    site_lat_deg: float = -31.27,
-    site_lon_deg: float = 149.07,
-    site_height_m: float = 1165.0,
+    site: EarthLocation | None = None,
     mount_ra_deg: float | None = None,
     mount_dec_deg: float | None = None,
 ) -> PointingMetrics:
@@ -616,8 +623,8 @@ def pointing_metrics(
         Frame shape (px).
     date_obs : datetime.datetime
         Exposure time (timezone-aware UTC; naive is taken as UTC).
-    site_lat_deg, site_lon_deg, site_height_m : float
-        Observatory position (deg, deg east, m).
+    site : astropy.coordinates.EarthLocation
+        Observatory position; None: :data:`huntsman.science.site.SITE` (Siding Spring).
     mount_ra_deg, mount_dec_deg : float, optional
         Mount pointing (deg); ``None`` gives ``pointing_offset_arcsec=None``.
 
@@ -626,17 +633,19 @@ def pointing_metrics(
     PointingMetrics
     """
     import astropy.units as u
-    from astropy.coordinates import AltAz, EarthLocation, SkyCoord, get_body
+    from astropy.coordinates import AltAz, SkyCoord, get_body
     from astropy.time import Time
     from astropy.utils import iers
 
     iers.conf.auto_download = False
     iers.conf.auto_max_age = None
+    if site is None:
+        from huntsman.science.site import SITE
+
+        site = SITE
     ra_c, dec_c, _, _ = wcs_summary(solved_header, image_shape)
     when = date_obs if date_obs.tzinfo else date_obs.replace(tzinfo=dt.UTC)
     t = Time(when.astimezone(dt.UTC).replace(tzinfo=None), scale="utc")
-    site = EarthLocation(lat=site_lat_deg * u.deg, lon=site_lon_deg * u.deg,
-                         height=site_height_m * u.m)
     target = SkyCoord(ra=ra_c * u.deg, dec=dec_c * u.deg, frame="icrs")
     altaz = target.transform_to(AltAz(obstime=t, location=site))
     moon = get_body("moon", t, location=site)

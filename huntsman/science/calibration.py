@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-__all__ = ["CalibratedFrame", "calibrate", "load_master"]
+from huntsman.science.fitsio import find_image_hdu
+
+__all__ = ["MAX_CROP_PX", "CalibratedFrame", "calibrate", "load_master"]
+
+# Pipeline masters may be one row/column larger than the raw frame (LSST ExposureF: 801x801
+# for an 800x800 raw); a larger mismatch is an error.
+MAX_CROP_PX = 1
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -35,7 +41,7 @@ def calibrate(
     dark_rate: np.ndarray,
     flat: np.ndarray,
     *,
-    saturation_adu: float = 4094,
+    saturation_adu: float,
     bad_mask: np.ndarray | None = None,
 ) -> CalibratedFrame:
     """Bias-, dark- and flat-correct a raw frame; no input is modified.
@@ -53,7 +59,7 @@ def calibrate(
     flat : numpy.ndarray, shape (ny, nx)
         Master flat normalised to median 1.
     saturation_adu : float
-        Raw pixels at or above this value are masked.
+        Raw pixels at or above this value are masked (the detector's, no default).
     bad_mask : numpy.ndarray of bool or int, shape (ny, nx), optional
         Non-zero for known bad pixels (e.g. the union of the masters' masks).
 
@@ -97,23 +103,44 @@ def calibrate(
     return CalibratedFrame(data=data, mask=mask)
 
 
-def load_master(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a master written by :mod:`huntsman.science.masters`.
+def load_master(
+    path: str | Path, shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A master's image (float32) and bad-pixel mask (bool), cut to the raw ``shape`` if given.
+
+    Reads both the masters written by :mod:`huntsman.science.masters` (image in the primary
+    HDU, ``MASK`` extension: non-zero is bad) and the original pipeline's LSST ``ExposureF``
+    masters (empty primary, image in HDU 1; their ``MASK`` bit planes are not used).  The image
+    HDU is :func:`~huntsman.science.fitsio.find_image_hdu`'s.
+
+    Parameters
+    ----------
+    path : str or Path
+        Master FITS file.
+    shape : (ny, nx) or None
+        Raw frame shape: pipeline masters may be up to :data:`MAX_CROP_PX` row/column larger
+        (LSST ``ExposureF``: 801x801 for an 800x800 raw) and are cut to it; a larger mismatch
+        is a :class:`ValueError`.  None: the master as stored.
 
     Returns
     -------
     image : numpy.ndarray, float32, shape (ny, nx)
-        The primary image.
     mask : numpy.ndarray, bool, shape (ny, nx)
         True where the ``MASK`` extension is non-zero (all False if there is none).
     """
     with fits.open(path) as hdul:
-        image = np.asarray(hdul[0].data, dtype=np.float32)
+        index = find_image_hdu(hdul)
+        if index is None or hdul[index].data is None:
+            raise ValueError(f"{path}: no 2-D image")
+        image = np.asarray(hdul[index].data, dtype=np.float32)
         if image.ndim != 2:
-            raise ValueError(f"{path}: primary HDU is not a 2-D image")
-        mask = (
-            np.asarray(hdul["MASK"].data) != 0
-            if "MASK" in hdul
-            else np.zeros(image.shape, dtype=bool)
-        )
-    return image, mask
+            raise ValueError(f"{path}: image HDU is not a 2-D image")
+        native = index == 0 and "MASK" in hdul
+        mask = np.asarray(hdul["MASK"].data) != 0 if native else np.zeros(image.shape, bool)
+    if shape is None:
+        return image, mask
+    ny, nx = shape
+    dy, dx = image.shape[0] - ny, image.shape[1] - nx
+    if not (0 <= dy <= MAX_CROP_PX and 0 <= dx <= MAX_CROP_PX):
+        raise ValueError(f"{path}: master shape {image.shape} does not fit the raw shape {shape}")
+    return image[:ny, :nx], mask[:ny, :nx]

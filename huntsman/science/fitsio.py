@@ -14,15 +14,30 @@ from astropy.io import fits
 
 from huntsman.science.paths import write_atomic
 
-__all__ = ["image_hdu_index", "read_raw", "write_fits_atomic"]
+__all__ = ["find_image_hdu", "image_hdu_index", "read_raw", "write_fits_atomic"]
+
+
+def find_image_hdu(hdul: fits.HDUList) -> int | None:
+    """Index of the HDU holding the image, or None: the one image-HDU rule of the service.
+
+    The first image HDU (primary, image extension or tile-compressed) with at least two axes:
+    0 for plain files, 1 for ``.fits.fz`` and for masters with an empty primary (LSST
+    ``ExposureF``).  Tables never count, whatever their ``NAXIS``.
+    """
+    for index, hdu in enumerate(hdul):
+        if isinstance(hdu, fits.CompImageHDU):
+            return index
+        if isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU) and hdu.header.get("NAXIS", 0) >= 2:
+            return index
+    return None
 
 
 def image_hdu_index(hdul: fits.HDUList) -> int:
-    """Index of the first HDU holding a 2-D image (0 for plain files, 1 for ``.fits.fz``)."""
-    for index, hdu in enumerate(hdul):
-        if hdu.header.get("NAXIS", 0) == 2 or isinstance(hdu, fits.CompImageHDU):
-            return index
-    raise ValueError(f"{hdul.filename()}: no 2-D image HDU")
+    """:func:`find_image_hdu`, raising :class:`ValueError` when the file holds no image."""
+    index = find_image_hdu(hdul)
+    if index is None:
+        raise ValueError(f"{hdul.filename()}: no 2-D image HDU")
+    return index
 
 
 def read_raw(path: str | Path) -> tuple[np.ndarray, fits.Header]:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +13,15 @@ import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
+from huntsman.science.fitsio import find_image_hdu
+from huntsman.values import finite_or_none
+
 __all__ = [
     "FrameError",
     "RawFrame",
     "header_to_dict",
     "n_pixels",
     "read_frame",
-    "read_header",
     "salvage_header",
 ]
 
@@ -76,8 +76,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, int | np.integer):
         return int(value)
     if isinstance(value, float | np.floating):
-        f = float(value)
-        return f if math.isfinite(f) else None
+        return finite_or_none(value)
     if isinstance(value, complex):
         return str(value)
     if isinstance(value, str):
@@ -119,14 +118,6 @@ def _check_size(path: Path, hdul: fits.HDUList) -> None:
     expected = info["datLoc"] + last._data_size
     if size < expected:
         raise FrameError(f"truncated FITS file: {size} bytes on disk, headers describe {expected}")
-
-
-def _image_hdus(hdul: fits.HDUList) -> Iterable[int]:
-    for index, hdu in enumerate(hdul):
-        if isinstance(hdu, fits.CompImageHDU | fits.PrimaryHDU | fits.ImageHDU) and (
-            hdu.header.get("NAXIS", 0) >= 2 or isinstance(hdu, fits.CompImageHDU)
-        ):
-            yield index
 
 
 def _open(path: Path) -> fits.HDUList:
@@ -201,11 +192,6 @@ def _append_good_cards(header: fits.Header, head: bytes) -> None:
             continue
 
 
-def read_header(path: str | Path) -> fits.Header:
-    """The header describing the image of a raw file (HDU 1 for tile-compressed files)."""
-    return read_frame(path, with_data=False).header
-
-
 def n_pixels(header: fits.Header) -> int:
     """Pixels of the image a header describes: the product of ``NAXISn`` (``ZNAXISn`` when
     the header still has them, as a tile-compressed table's does)."""
@@ -255,18 +241,18 @@ def read_frame(
             if len(hdul) == 0:
                 raise FrameError("not a valid FITS file: no HDUs")
             primary_header = hdul[0].header
-            images = list(_image_hdus(hdul))
-            index = images[0] if images else 0
+            found = find_image_hdu(hdul)
+            index = 0 if found is None else found
             hdu = hdul[index]
             header = hdu.header.copy() if index == 0 else _merged(primary_header, hdu.header)
-            if images:
+            if found is not None:
                 _check_pixels(header, max_pixels)  # before anything reads or sizes the data
             try:
                 _check_size(path, hdul)
             except FrameError as exc:
                 exc.header = primary_header
                 raise
-            if not images:
+            if found is None:
                 raise FrameError("FITS file holds no 2-D image", primary_header)
             corrupt = _corrupt_cards(header)
             for keyword in corrupt:

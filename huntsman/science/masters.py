@@ -27,6 +27,7 @@ from astropy.io import fits
 
 from huntsman.science.fitsio import image_hdu_index, write_fits_atomic
 from huntsman.science.provenance import Provenance, stamp_header
+from huntsman.science.robust import mad_std
 from huntsman.science.stacking import CombineResult, FitsFrameSource, sigma_clipped_combine
 from huntsman.science.stats import subsample
 
@@ -49,7 +50,6 @@ MASK_NODATA = 4
 
 # Camera identity copied from the first input so a master is self-describing.
 _COPIED_KEYWORDS = ("INSTRUME", "CAM-ID", "CAM-MOD", "FILTER", "CAM-GAIN", "SET-TEMP")
-_MAD_TO_STD = 1.482602218505602
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,9 @@ class MasterParams:
 
 @dataclasses.dataclass(frozen=True)
 class MasterStatistics:
-    """Summary of a master: ``level`` median, ``noise`` robust std (1.4826 MAD), in the
-    master's unit; bad-pixel counts from the mask."""
+    """Summary of a master: ``level`` median, ``noise`` robust std (MAD σ,
+    :func:`~huntsman.science.robust.mad_std`), in the master's unit; bad-pixel counts from the
+    mask."""
 
     level: float
     noise: float
@@ -116,7 +117,7 @@ def _robust(image: np.ndarray) -> tuple[float, float]:
     if sample.size == 0:
         return float("nan"), float("nan")
     med = float(np.median(sample))
-    return med, float(_MAD_TO_STD * np.median(np.abs(sample - med)))
+    return med, mad_std(sample, med)
 
 
 def _write_master(

@@ -12,8 +12,9 @@ All frames
     ``clipped_mean``, ``clipped_median``, ``clipped_std``, ``minimum``, ``maximum``,
     ``saturated_fraction``, ``well_fullfrac``: see :func:`huntsman.science.stats.basic_stats`
     (3-sigma, 5 iterations; ``well_fullfrac`` = clipped median / saturation).
-    ``background``, ``background_rms``: global level and noise of ``sep.Background``
-    (``background_box_px`` meshes, 3x3 median filter), ADU; the rms of a constant frame is 0.
+    ``background``, ``background_rms``: global level and noise of the service's background
+    (:mod:`huntsman.science.background`: 64 px meshes, 3x3 median filter), ADU; the rms of a
+    constant frame is 0.
     ``flip_asymmetry_lr``, ``flip_asymmetry_tb``: mean over mirrored pixel pairs of
     ``|img - fliplr(img)|`` (resp. ``flipud``) divided by the mean ``|difference|`` of
     horizontally (vertically) adjacent pixels, both capped at ``5 * sqrt(2) * clipped_std``
@@ -55,62 +56,48 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
-import sep
 
+from huntsman.models import DetectorConstants, ObservationType
+from huntsman.science.background import detect, sep_background
 from huntsman.science.psf import PSFResult, measure_psf
 from huntsman.science.stats import BasicStats, basic_stats, subsample
 
 __all__ = ["OBSERVATION_TYPES", "MetricParams", "MetricsResult", "compute_metrics"]
 
 Scalar = float | int | bool | None
-OBSERVATION_TYPES: Final = ("bias", "dark", "flat", "science")
+OBSERVATION_TYPES: Final = tuple(ObservationType)
 _FLIP_CAP_SIGMA: Final = 5.0
 _MIN_SIGMA_ADU: Final = 0.5  # floor for thresholds: raw ADU are integers
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricParams:
-    """Camera constants and thresholds for :func:`compute_metrics` (Huntsman ASI183MM defaults).
+    """The detector, the frame's exposure time and the thresholds of :func:`compute_metrics`.
 
     Attributes
     ----------
-    saturation_adu : float
-        Raw saturation level, ADU.
-    pixel_scale_arcsec : float or None
-        arcsec/px for ``fwhm_arcsec`` (None: not computed).
-    gain_e_per_adu, read_noise_e : float
-        Detector gain (e-/ADU) and read noise (e-).
-    bias_level_adu : float
-        Expected bias level, ADU.
-    dark_current_e_per_s : float
-        Expected dark current, e-/s/px.
+    detector : DetectorConstants
+        Saturation, gain, read noise, bias level, dark current and pixel scale of the camera
+        (no default: a hidden camera constant is a wrong answer for the next camera).
     exptime_s : float or None
         Exposure time of this frame, s (needed for darks).
     hot_sigma, cold_sigma, cosmic_sigma, cosmic_sharpness : float
         Outlier thresholds (see the module docstring).
     detect_sigma : float
         Source detection threshold, in background rms.
-    background_box_px : int
-        ``sep.Background`` mesh size, px.
     max_psf_stars : int
         Cap on stars fitted by :func:`~huntsman.science.psf.measure_psf`.
     gradient_grid : (int, int)
         Blocks (ny, nx) for ``gradient_pct``.
     """
 
-    saturation_adu: float = 4094.0
-    pixel_scale_arcsec: float | None = 1.24
-    gain_e_per_adu: float = 1.145
-    read_noise_e: float = 2.4
-    bias_level_adu: float = 32.0
-    dark_current_e_per_s: float = 0.005
+    detector: DetectorConstants
     exptime_s: float | None = None
     hot_sigma: float = 10.0
     cold_sigma: float = 10.0
     cosmic_sigma: float = 8.0
     cosmic_sharpness: float = 3.0
     detect_sigma: float = 5.0
-    background_box_px: int = 64
     max_psf_stars: int = 150
     gradient_grid: tuple[int, int] = (6, 8)
 
@@ -179,7 +166,7 @@ class _Frame:
 
     def stats(self) -> BasicStats:
         result: BasicStats = self._once(
-            "stats", lambda: basic_stats(self.data, self.params.saturation_adu)
+            "stats", lambda: basic_stats(self.data, self.params.detector.saturation_adu)
         )
         return result
 
@@ -187,8 +174,7 @@ class _Frame:
         return max(self.stats().clipped_std, _MIN_SIGMA_ADU)
 
     def background(self) -> Any:
-        box = self.params.background_box_px
-        return self._once("background", lambda: sep.Background(self.float32(), bw=box, bh=box))
+        return self._once("background", lambda: sep_background(self.float32()))
 
     def back_array(self) -> np.ndarray:
         result: np.ndarray = self._once("background_map", lambda: self.background().back())
@@ -201,11 +187,7 @@ class _Frame:
             if not rms > 0:
                 raise ValueError(f"background rms is {rms}")
             sub = self.float32() - self.back_array()
-            sep.set_extract_pixstack(max(300_000, sub.size // 20))
-            cat: np.ndarray = sep.extract(
-                sub, self.params.detect_sigma, err=rms, minarea=5
-            )
-            return cat
+            return detect(sub, self.params.detect_sigma, rms, minarea=5)
 
         result: np.ndarray = self._once("detection", make)
         return result
@@ -217,9 +199,9 @@ class _Frame:
                 self.float32(),
                 background=self.back_array(),
                 background_rms=float(self.background().globalrms),
-                saturation_adu=p.saturation_adu,
-                gain_e_per_adu=p.gain_e_per_adu,
-                pixel_scale_arcsec=p.pixel_scale_arcsec,
+                saturation_adu=p.detector.saturation_adu,
+                gain_e_per_adu=p.detector.gain_e_per_adu,
+                pixel_scale_arcsec=p.detector.pixel_scale_arcsec,
                 max_stars=p.max_psf_stars,
                 catalogue=self.catalogue(),
             )
@@ -306,7 +288,7 @@ def _elongation(frame: _Frame) -> tuple[float, float]:
     cat = frame.catalogue()
     rms = float(frame.background().globalrms)
     snr = cat["flux"] / np.sqrt(
-        cat["npix"] * rms**2 + np.clip(cat["flux"], 0, None) / frame.params.gain_e_per_adu
+        cat["npix"] * rms**2 + np.clip(cat["flux"], 0, None) / frame.params.detector.gain_e_per_adu
     )
     good = (cat["flag"] == 0) & (snr >= 30) & (cat["b"] > 0)
     if np.count_nonzero(good) < 3:
@@ -326,13 +308,13 @@ def _exptime(frame: _Frame) -> float:
 
 def _expected_dark_adu(frame: _Frame) -> float:
     p = frame.params
-    return p.dark_current_e_per_s * _exptime(frame) / p.gain_e_per_adu
+    return p.detector.dark_current_e_per_s * _exptime(frame) / p.detector.gain_e_per_adu
 
 
 def _expected_noise_adu(frame: _Frame, dark: bool) -> float:
     p = frame.params
-    dark_e = p.dark_current_e_per_s * _exptime(frame) if dark else 0.0
-    return math.sqrt(p.read_noise_e**2 + dark_e) / p.gain_e_per_adu
+    dark_e = p.detector.dark_current_e_per_s * _exptime(frame) if dark else 0.0
+    return math.sqrt(p.detector.read_noise_e**2 + dark_e) / p.detector.gain_e_per_adu
 
 
 def _block_medians(frame: _Frame) -> np.ndarray:
@@ -347,7 +329,7 @@ def _block_medians(frame: _Frame) -> np.ndarray:
 
 
 def _gradient_pct(frame: _Frame) -> float:
-    med = _block_medians(frame) - frame.params.bias_level_adu
+    med = _block_medians(frame) - frame.params.detector.bias_level_adu
     centre = float(np.median(med))
     if not centre > 0:
         raise _MetricError(f"illumination above bias is {centre} ADU")
@@ -388,36 +370,36 @@ _LIGHT: list[tuple[str, MetricFn]] = [
 ]
 _FLAT: list[tuple[str, MetricFn]] = [
     ("illumination_level", _illumination_level),
-    ("illumination_fraction", lambda f: _illumination_level(f) / f.params.saturation_adu),
+    ("illumination_fraction", lambda f: _illumination_level(f) / f.params.detector.saturation_adu),
     ("gradient_pct", _gradient_pct),
 ]
 _BIAS: list[tuple[str, MetricFn]] = [
-    ("level_offset_adu", lambda f: f.stats().clipped_median - f.params.bias_level_adu),
+    ("level_offset_adu", lambda f: f.stats().clipped_median - f.params.detector.bias_level_adu),
     ("noise_ratio", lambda f: f.stats().clipped_std / _expected_noise_adu_bias(f)),
 ]
 _DARK: list[tuple[str, MetricFn]] = [
     (
         "level_offset_adu",
-        lambda f: f.stats().clipped_median - f.params.bias_level_adu - _expected_dark_adu(f),
+        lambda f: f.stats().clipped_median - f.params.detector.bias_level_adu - _expected_dark_adu(f),
     ),
     ("noise_ratio", lambda f: f.stats().clipped_std / _expected_noise_adu(f, dark=True)),
     (
         "dark_current_adu_s",
-        lambda f: (f.stats().clipped_median - f.params.bias_level_adu) / _exptime(f),
+        lambda f: (f.stats().clipped_median - f.params.detector.bias_level_adu) / _exptime(f),
     ),
 ]
 
 
 def _expected_noise_adu_bias(frame: _Frame) -> float:
     p = frame.params
-    return p.read_noise_e / p.gain_e_per_adu
+    return p.detector.read_noise_e / p.detector.gain_e_per_adu
 
 
 _BY_TYPE: dict[str, list[tuple[str, MetricFn]]] = {
-    "bias": _ALL + _BIAS,
-    "dark": _ALL + _DARK,
-    "flat": _ALL + _LIGHT + _FLAT,
-    "science": _ALL + _LIGHT,
+    ObservationType.BIAS: _ALL + _BIAS,
+    ObservationType.DARK: _ALL + _DARK,
+    ObservationType.FLAT: _ALL + _LIGHT + _FLAT,
+    ObservationType.SCIENCE: _ALL + _LIGHT,
 }
 
 
@@ -427,7 +409,7 @@ def metric_names(observation_type: str) -> tuple[str, ...]:
 
 
 def compute_metrics(
-    data: np.ndarray, observation_type: str, *, params: MetricParams = MetricParams()
+    data: np.ndarray, observation_type: str, *, params: MetricParams
 ) -> MetricsResult:
     """All quality metrics of one raw frame.
 
@@ -438,7 +420,7 @@ def compute_metrics(
     observation_type : {"bias", "dark", "flat", "science"}
         Selects the metric set (see the module docstring for every definition).
     params : MetricParams
-        Camera constants, the frame's exposure time and thresholds.
+        The detector, the frame's exposure time and thresholds.
 
     Returns
     -------

@@ -1,5 +1,9 @@
 """Sky brightness, photometric zeropoint and 5σ depth of a calibrated science frame.
 
+The background is :mod:`huntsman.science.background`, the centroids
+:mod:`huntsman.science.centroid` and every MAD clipping
+:mod:`huntsman.science.robust`; this module holds the star measurements and the photometry.
+
 Conventions
 -----------
 * The input frame is *calibrated*: ``(raw − bias − dark·t) / flat`` with a flat of median 1,
@@ -11,9 +15,9 @@ Conventions
 
 Method
 ------
-1. Background: :class:`sep.Background` (``bw``×``bh`` meshes, median filter) over the unmasked
-   pixels.  ``sky_adu`` is the median of the background map, ``sky_rms_adu`` the median of the
-   RMS map (ADU per pixel).
+1. Background: :func:`~huntsman.science.background.estimate_background` (the service's
+   ``sep.Background`` mesh policy) over the unmasked pixels.  ``sky_adu`` is the median of
+   the background map, ``sky_rms_adu`` the median of the RMS map (ADU per pixel).
 2. Positions: reference stars are projected through the WCS, moved to the brightest 3×3 spot
    within ``max_match_sep_arcsec`` and refined with a windowed centroid (``sep.winpos``).
    Stars near an edge, with masked pixels, peaks above ``saturation_adu``, or another catalogue
@@ -46,15 +50,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import numpy as np
 import sep
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
-from scipy.ndimage import uniform_filter
 from scipy.spatial import cKDTree
 
+from huntsman.science.background import SkyBackground, estimate_background
+from huntsman.science.centroid import refine_positions
 from huntsman.science.refcat import (
     RefCatalogue,
     astrometric_residual,
@@ -62,18 +66,17 @@ from huntsman.science.refcat import (
     project,
     select_in_field,
 )
-from huntsman.science.stats import subsample
+from huntsman.science.robust import clipped_rows, mad_std
+from huntsman.values import finite_or_none
 
 __all__ = [
     "PhotometryParams",
     "PhotometryResult",
-    "SkyBackground",
-    "estimate_background",
+    "annulus_background",
     "limiting_flux_5sigma",
     "measure_photometry",
 ]
 
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _MAG_PER_SNR = 2.5 / math.log(10.0)  # σ_mag = 1.0857 / SNR
 
 
@@ -115,8 +118,6 @@ class PhotometryParams:
         Clipping threshold of the zeropoint combination.
     default_catalogue_err_mag : float
         Catalogue error used where the catalogue gives none (mag).
-    background_box_px, background_filter : int
-        ``sep.Background`` mesh size (px) and median-filter size (meshes).
     """
 
     aperture_fwhm_factor: float = 1.5
@@ -134,8 +135,6 @@ class PhotometryParams:
     clip_sigma: float = 3.0
     annulus_clip_sigma: float = 3.0
     default_catalogue_err_mag: float = 0.03
-    background_box_px: int = 64
-    background_filter: int = 3
 
     def __post_init__(self) -> None:
         r_in, r_out = self.annulus_fwhm_factors
@@ -200,14 +199,6 @@ class PhotometryResult:
     error: str | None = None
 
 
-def _num(value: float | np.floating | None) -> float | None:
-    """A plain float, or None for None/NaN/inf."""
-    if value is None:
-        return None
-    v = float(value)
-    return v if math.isfinite(v) else None
-
-
 def limiting_flux_5sigma(
     sigma_pix_adu: float, area_px: float, annulus_area_px: float, gain_e_per_adu: float,
     nsigma: float = 5.0,
@@ -240,219 +231,6 @@ def limiting_flux_5sigma(
 
 
 @dataclasses.dataclass(frozen=True)
-class SkyBackground:
-    """The ``sep.Background`` of a calibrated frame (see :func:`estimate_background`).
-
-    Computed once per frame and shared: :func:`measure_photometry` takes it as
-    ``background=`` and :func:`huntsman.science.psf.measure_psf` takes ``back`` and
-    ``global_rms`` as ``background=`` and ``background_rms=``.
-    """
-
-    image: np.ndarray  # the frame, float32, bad pixels 0 (aperture sums use local annuli)
-    sub: np.ndarray  # background-subtracted frame, float32, bad pixels 0 (centroiding)
-    back: np.ndarray  # background map, float32
-    rms: np.ndarray  # RMS map, float32
-    bad: np.ndarray  # bool, masked or non-finite
-    sky_adu: float
-    sky_rms_adu: float
-    global_rms: float  # sep's global RMS of the unmasked pixels (a detection threshold)
-
-
-
-def estimate_background(
-    data: np.ndarray, mask: np.ndarray | None, params: PhotometryParams = PhotometryParams()
-) -> SkyBackground:
-    """Background (``sep.Background`` over the unmasked, finite pixels) of a calibrated frame.
-
-    Parameters
-    ----------
-    data : numpy.ndarray, shape (ny, nx)
-        Calibrated frame; not modified.
-    mask : numpy.ndarray of bool, shape (ny, nx), or None
-        True for pixels to ignore; non-finite pixels are always ignored.
-    params : PhotometryParams
-        ``background_box_px`` and ``background_filter`` are used.
-    """
-    if data.ndim != 2:
-        raise ValueError(f"data must be 2-D, got shape {data.shape}")
-    return _background(data, mask, params)
-
-
-def _background(data: np.ndarray, mask: np.ndarray | None, p: PhotometryParams) -> SkyBackground:
-    work = np.array(data, dtype=np.float32, order="C", copy=True)
-    bad = ~np.isfinite(work)
-    if mask is not None:
-        if mask.shape != work.shape:
-            raise ValueError(f"mask shape {mask.shape} != data shape {work.shape}")
-        bad |= mask if mask.dtype == bool else mask.astype(bool)
-    np.putmask(work, bad, np.float32(0.0))
-    bkg = sep.Background(
-        work, mask=bad.view(np.uint8), bw=p.background_box_px, bh=p.background_box_px,
-        fw=p.background_filter, fh=p.background_filter,
-    )
-    back = bkg.back()
-    rms = bkg.rms()
-    good = ~subsample(bad)
-    sky = float(np.median(subsample(back)[good])) if good.any() else math.nan
-    sky_rms = float(np.median(subsample(rms)[good])) if good.any() else math.nan
-    sub = np.subtract(work, back, dtype=np.float32)
-    np.putmask(sub, bad, np.float32(0.0))
-    return SkyBackground(work, sub, back, rms, bad, sky, sky_rms, float(bkg.globalrms))
-
-
-def _clipped(
-    values: np.ndarray, nsigma: float = 3.0, iters: int = 5, *, mean: bool = False
-) -> tuple[float, int]:
-    """Median (or mean) after iterative clipping about the median (MAD σ), and the count."""
-    v = values[np.isfinite(values)]
-    for _ in range(iters):
-        if v.size < 3:
-            break
-        med = np.median(v)
-        s = 1.4826 * np.median(np.abs(v - med))
-        if s == 0:
-            break
-        keep = np.abs(v - med) <= nsigma * s
-        if keep.all():
-            break
-        v = v[keep]
-    if v.size == 0:
-        return math.nan, 0
-    return float(np.mean(v) if mean else np.median(v)), int(v.size)
-
-
-def _clipped_median(values: np.ndarray, nsigma: float = 3.0, iters: int = 5) -> tuple[float, int]:
-    """Sigma-clipped (MAD) median and the number of values kept."""
-    return _clipped(values, nsigma, iters)
-
-
-def _bisect(
-    pred: Callable[[np.ndarray, np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray
-) -> np.ndarray:
-    """Per row, the first ``j`` in ``[lo, hi)`` with ``pred(rows, j)`` true, else ``hi``.
-
-    ``pred`` must be monotone (False then True) along each row; it is called with the indices
-    of the rows still searching and a candidate ``j`` for each.
-    """
-    lo, hi = lo.copy(), hi.copy()
-    act = np.flatnonzero(lo < hi)
-    while act.size:
-        mid = (lo[act] + hi[act]) // 2
-        t = pred(act, mid)
-        hi[act[t]] = mid[t]
-        lo[act[~t]] = mid[~t] + 1
-        act = act[lo[act] < hi[act]]
-    return lo
-
-
-def _sorted_median(v: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """``np.median`` of ``v[rows, lo:hi]`` for rows sorted ascending (non-empty intervals)."""
-    k = hi - lo
-    a = v[rows, lo + (k - 1) // 2]
-    b = v[rows, lo + k // 2]
-    out: np.ndarray = (a + b) / 2  # same rounding as np.median (mean of the middle pair)
-    return out
-
-
-def _sorted_mad(
-    v: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, med: np.ndarray
-) -> np.ndarray:
-    """``np.median(np.abs(v[rows, lo:hi] - med))`` for rows sorted ascending.
-
-    The deviations left of the median and right of it are two sorted sequences; their k-th
-    smallest element is found by bisection (no sort, no copy of the rows).
-    """
-    p = _bisect(lambda a, j: v[rows[a], j] - med[a] >= 0, lo, hi)
-    n_left, n_right = p - lo, hi - p
-
-    def left(a: np.ndarray, t: np.ndarray) -> np.ndarray:  # t-th smallest deviation on the left
-        out: np.ndarray = -(v[rows[a], p[a] - 1 - t] - med[a])
-        return out
-
-    def right(a: np.ndarray, t: np.ndarray) -> np.ndarray:
-        out: np.ndarray = v[rows[a], p[a] + t] - med[a]
-        return out
-
-    def kth(q: np.ndarray) -> np.ndarray:
-        # i = how many of the q+1 smallest deviations lie on the left.
-        i_lo = np.maximum(0, q + 1 - n_right)
-        i_hi = np.minimum(q + 1, n_left)
-
-        def enough(a: np.ndarray, i: np.ndarray) -> np.ndarray:
-            j = q[a] + 1 - i
-            few = (i < n_left[a]) & (j > 0)
-            f = np.flatnonzero(few)
-            few[f] = right(a[f], j[f] - 1) > left(a[f], i[f])
-            return ~few
-
-        i = _bisect(enough, i_lo, i_hi)
-        j = q + 1 - i
-        every = np.arange(q.size)
-        out = np.full(q.size, -np.inf, dtype=v.dtype)
-        h = np.flatnonzero(i > 0)
-        out[h] = left(every[h], i[h] - 1)
-        h = np.flatnonzero(j > 0)
-        out[h] = np.maximum(out[h], right(every[h], j[h] - 1))
-        return out
-
-    k = hi - lo
-    out: np.ndarray = (kth((k - 1) // 2) + kth(k // 2)) / 2
-    return out
-
-
-def _kept_interval(
-    v: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, med: np.ndarray,
-    thr: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The part ``[new_lo, new_hi)`` of sorted ``v[rows, lo:hi]`` with ``|v - med| <= thr``."""
-    new_lo = _bisect(lambda a, j: v[rows[a], j] - med[a] >= -thr[a], lo, hi)
-    new_hi = _bisect(lambda a, j: v[rows[a], j] - med[a] > thr[a], lo, hi)
-    return new_lo, new_hi
-
-
-def _clipped_rows(
-    values: np.ndarray, valid: np.ndarray, nsigma: float, iters: int = 5
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_clipped` of the ``valid`` values of every row of ``values`` at once.
-
-    Returns the clipped median (as ``values.dtype`` arithmetic, like ``np.median``), mean and
-    count per row (NaN, NaN, 0 for an empty row).  The clipping keeps a value when its
-    deviation from the median is within ``nsigma`` MAD-σ, an interval of the sorted row.
-    """
-    v = np.where(valid & np.isfinite(values), values, np.inf).astype(values.dtype, copy=False)
-    v.sort(axis=1)
-    n = v.shape[0]
-    lo = np.zeros(n, dtype=np.intp)
-    hi = np.count_nonzero(np.isfinite(v), axis=1).astype(np.intp)
-    active = np.ones(n, dtype=bool)
-    for _ in range(iters):
-        active &= hi - lo >= 3
-        rows = np.flatnonzero(active)
-        if rows.size == 0:
-            break
-        rlo, rhi = lo[rows], hi[rows]
-        med = _sorted_median(v, rows, rlo, rhi)
-        sig = 1.4826 * _sorted_mad(v, rows, rlo, rhi, med)
-        thr = nsigma * sig
-        new_lo, new_hi = _kept_interval(v, rows, rlo, rhi, med, thr)
-        stop = (sig == 0) | ((new_lo == rlo) & (new_hi == rhi))
-        go = ~stop
-        lo[rows[go]], hi[rows[go]] = new_lo[go], new_hi[go]
-        active[rows[stop]] = False
-    count = hi - lo
-    median = np.full(n, np.nan)
-    mean = np.full(n, np.nan)
-    rows = np.flatnonzero(count > 0)
-    if rows.size:
-        median[rows] = _sorted_median(v, rows, lo[rows], hi[rows])
-        csum = np.zeros((n, v.shape[1] + 1))
-        np.cumsum(np.where(np.isfinite(v), v, 0.0), axis=1, out=csum[:, 1:])
-        r = rows
-        mean[r] = (csum[r, hi[r]] - csum[r, lo[r]]) / count[r]
-    return median, mean, count
-
-
-@dataclasses.dataclass(frozen=True)
 class _Stars:
     """Per-star measurements, all arrays of shape (n,)."""
 
@@ -471,51 +249,6 @@ class _Stars:
     var_tot: np.ndarray
     usable: np.ndarray  # unsaturated, unmasked, isolated, good background (zeropoint aperture)
     usable_tot: np.ndarray  # same for the total aperture, plus isolation out to the annulus
-
-
-def _refine_positions(
-    sub: np.ndarray, bad: np.ndarray, x0: np.ndarray, y0: np.ndarray, search_px: float,
-    fwhm_px: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Brightest 3×3 spot within ``search_px`` of each prediction, then a windowed centroid."""
-    ny, nx = sub.shape
-    s = math.ceil(search_px)
-    xp = np.array(x0, dtype=float)
-    yp = np.array(y0, dtype=float)
-    xc, yc = np.rint(xp).astype(np.intp), np.rint(yp).astype(np.intp)
-    # Stars whose (2s+3)^2 cut-out lies inside the frame: all at once (in chunks); the rest
-    # (cut-outs clipped at an edge, whose 3x3 filter sees a different border) one by one.
-    whole = (xc - s - 1 >= 0) & (xc + s + 2 <= nx) & (yc - s - 1 >= 0) & (yc + s + 2 <= ny)
-    off = np.arange(-s - 1, s + 2)
-    width = off.size
-    todo = np.flatnonzero(whole)
-    for chunk in np.array_split(todo, max(1, todo.size * width * width // 2_000_000 + 1)):
-        if chunk.size == 0:
-            continue
-        gx = xc[chunk, None] + off  # (n, w)
-        gy = yc[chunk, None] + off
-        cut = uniform_filter(sub[gy[:, :, None], gx[:, None, :]].astype(np.float64),
-                             size=(1, 3, 3), mode="nearest")
-        far = np.hypot((gx - xp[chunk, None])[:, None, :], (gy - yp[chunk, None])[:, :, None])
-        cut[far > search_px] = -np.inf
-        k = np.argmax(cut.reshape(chunk.size, -1), axis=1)
-        yp[chunk] = gy[:, 0] + k // width
-        xp[chunk] = gx[:, 0] + k % width
-    for i in np.flatnonzero(~whole):
-        xi, yi = x0[i], y0[i]
-        xa, xb, ya, yb = max(xc[i] - s - 1, 0), min(xc[i] + s + 2, nx), max(yc[i] - s - 1, 0), \
-            min(yc[i] + s + 2, ny)
-        cut1 = uniform_filter(sub[ya:yb, xa:xb].astype(np.float64), size=3, mode="nearest")
-        my, mx = np.mgrid[ya:yb, xa:xb]
-        cut1[np.hypot(mx - xi, my - yi) > search_px] = -np.inf
-        k1 = int(np.argmax(cut1))
-        yp[i], xp[i] = ya + k1 // cut1.shape[1], xa + k1 % cut1.shape[1]
-    sig = max(fwhm_px * _FWHM_TO_SIGMA, 0.5)
-    xw, yw, flag = sep.winpos(sub, xp, yp, sig, mask=bad.view(np.uint8))
-    ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw)
-    ok &= np.hypot(xw - xp, yw - yp) <= max(2.0, 0.5 * fwhm_px)
-    ok &= np.hypot(xw - x0, yw - y0) <= search_px + 0.5
-    return np.asarray(xw, float), np.asarray(yw, float), ok
 
 
 def _measure_stars(
@@ -543,49 +276,30 @@ def _measure_stars(
     cand = np.isfinite(mag_all) & (x0 >= edge) & (x0 <= nx - 1 - edge) & (y0 >= edge) \
         & (y0 <= ny - 1 - edge) & (n_close <= 1)
     idx = np.flatnonzero(cand)
-    xw, yw, ok = _refine_positions(bg.sub, bg.bad, x0[idx], y0[idx], search_px, fwhm_px)
+    xw, yw, ok = refine_positions(bg.sub, bg.bad, x0[idx], y0[idx], search_px, fwhm_px)
     idx, xw, yw = idx[ok], xw[ok], yw[ok]
 
     n = idx.size
-    R = math.ceil(r_out) + 1
     ann_area = math.pi * (r_out**2 - r_in**2)
     xc, yc = np.rint(xw).astype(np.intp), np.rint(yw).astype(np.intp)
     sigma = bg.rms[yc, xc].astype(float)
-    # Pixels are taken by integer offsets from (xc, yc): a pixel's distance from (xw, yw)
-    # differs from its offset's length by at most sqrt(1/2), so two templates (a disk for the
-    # apertures, a ring for the annulus) hold every pixel that can count.
+    bkg_local, bkg_mean, n_ann = annulus_background(bg.image, bg.bad, xw, yw, r_in, r_out,
+                                                    p.annulus_clip_sigma)
+    # Aperture pixels by integer offsets from (xc, yc), as in annulus_background.
+    R = math.ceil(r_tot + 0.5) + 1
     off = np.arange(-R, R + 1)
     oy, ox = (a.ravel() for a in np.meshgrid(off, off, indexing="ij"))
-    rho = np.hypot(ox, oy)
-    slack = math.sqrt(0.5) + 1e-6
-    in_disk = rho <= r_tot + 0.5 + slack
-    in_ring = (rho >= r_in - slack) & (rho <= r_out + slack)
-    n_chunk = max(1, 2_000_000 // max(int(in_ring.sum()), 1))
-
-    def pixels(sel: np.ndarray, tmpl: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Flat pixel index, in-frame flag and distance (n, m) of template ``tmpl`` per star."""
-        gx = xc[sel, None] + ox[tmpl]
-        gy = yc[sel, None] + oy[tmpl]
-        inside = (gx >= 0) & (gx < nx) & (gy >= 0) & (gy < ny)
-        r = np.hypot(gx - xw[sel, None], gy - yw[sel, None])
-        flat = np.clip(gy, 0, ny - 1) * nx + np.clip(gx, 0, nx - 1)
-        return flat, inside, r
-
-    bad_flat, image_flat, data_flat = bg.bad.ravel(), bg.image.ravel(), data.reshape(-1)
-    bkg_local = np.full(n, np.nan)
-    bkg_mean = np.full(n, np.nan)
-    n_ann = np.zeros(n)
+    in_disk = np.hypot(ox, oy) <= r_tot + 0.5 + _TEMPLATE_SLACK
+    ox, oy = ox[in_disk], oy[in_disk]
+    n_chunk = max(1, 2_000_000 // max(ox.size, 1))
+    bad_flat, data_flat = bg.bad.ravel(), data.reshape(-1)
     unsat = np.zeros(n, dtype=bool)
     clean_ap = np.zeros(n, dtype=bool)
     clean_tot = np.zeros(n, dtype=bool)
     for sel in np.array_split(np.arange(n), n // n_chunk + 1):
         if sel.size == 0:
             continue
-        flat, inside, r = pixels(sel, in_ring)
-        ann = inside & (r >= r_in) & (r <= r_out) & ~bad_flat[flat]
-        med, mean, count = _clipped_rows(image_flat[flat], ann, p.annulus_clip_sigma)
-        bkg_local[sel], bkg_mean[sel], n_ann[sel] = med, mean, count
-        flat, inside, r = pixels(sel, in_disk)
+        flat, inside, r = _template_pixels(xc[sel], yc[sel], xw[sel], yw[sel], ox, oy, (ny, nx))
         bad = bad_flat[flat] & inside
         in_ap = r <= r_ap + 0.5
         in_tot = r <= r_tot + 0.5
@@ -623,6 +337,82 @@ def _measure_stars(
     )
 
 
+# A pixel's distance from (x, y) differs from its integer offset's length from (rint(x), rint(y))
+# by at most sqrt(1/2): templates this much wider hold every pixel that can count.
+_TEMPLATE_SLACK = math.sqrt(0.5) + 1e-6
+
+
+def _template_pixels(
+    xc: np.ndarray, yc: np.ndarray, x: np.ndarray, y: np.ndarray, ox: np.ndarray,
+    oy: np.ndarray, shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat pixel index, in-frame flag and distance, shape (n, m), of the offsets per star."""
+    ny, nx = shape
+    gx = xc[:, None] + ox
+    gy = yc[:, None] + oy
+    inside = (gx >= 0) & (gx < nx) & (gy >= 0) & (gy < ny)
+    r = np.hypot(gx - x[:, None], gy - y[:, None])
+    flat = np.clip(gy, 0, ny - 1) * nx + np.clip(gx, 0, nx - 1)
+    return flat, inside, r
+
+
+def annulus_background(
+    image: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, r_in: float,
+    r_out: float, nsigma: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sigma-clipped (MAD σ) median and mean of each star's annulus, and its pixel count.
+
+    A pixel belongs to the annulus when its centre lies within ``r_in <= r <= r_out`` of
+    ``(x, y)`` and it is not ``bad``; the clipping is
+    :func:`~huntsman.science.robust.clipped_rows` (3σ, 5 passes as used here).
+
+    Kept rather than photutils' ``LocalBackground``/``ApertureStats`` because it wins clearly
+    for the same numbers (``benchmarks/bench_photometry.py``: 5496×3672 frame, 2000 stars,
+    annulus 21–30 px, 3σ MAD clip, photutils 3.0, a loaded 2-core machine): ours 2.2 s for
+    median, mean and count; ``LocalBackground`` 9.7 s (4.4×) for the median alone, identical
+    to ours; ``ApertureStats`` 14.4 s (6.5×), medians within 0.01 ADU for 99.6 % of stars.
+
+    Parameters
+    ----------
+    image : numpy.ndarray, float, shape (ny, nx)
+        Frame (ADU).
+    bad : numpy.ndarray of bool, shape (ny, nx)
+        Pixels never used.
+    x, y : numpy.ndarray, shape (n,)
+        0-based star centres (px).
+    r_in, r_out : float
+        Annulus radii (px).
+    nsigma : float
+        Clipping threshold.
+
+    Returns
+    -------
+    median, mean, count : numpy.ndarray, shape (n,)
+        NaN, NaN, 0 for a star without a usable annulus pixel.
+    """
+    ny, nx = image.shape
+    n = x.size
+    xc, yc = np.rint(x).astype(np.intp), np.rint(y).astype(np.intp)
+    R = math.ceil(r_out) + 1
+    off = np.arange(-R, R + 1)
+    oy, ox = (a.ravel() for a in np.meshgrid(off, off, indexing="ij"))
+    rho = np.hypot(ox, oy)
+    in_ring = (rho >= r_in - _TEMPLATE_SLACK) & (rho <= r_out + _TEMPLATE_SLACK)
+    ox, oy = ox[in_ring], oy[in_ring]
+    n_chunk = max(1, 2_000_000 // max(ox.size, 1))
+    bad_flat, image_flat = bad.ravel(), image.ravel()
+    median = np.full(n, np.nan)
+    mean = np.full(n, np.nan)
+    count = np.zeros(n)
+    for sel in np.array_split(np.arange(n), n // n_chunk + 1):
+        if sel.size == 0:
+            continue
+        flat, inside, r = _template_pixels(xc[sel], yc[sel], x[sel], y[sel], ox, oy, (ny, nx))
+        ann = inside & (r >= r_in) & (r <= r_out) & ~bad_flat[flat]
+        median[sel], mean[sel], count[sel] = clipped_rows(image_flat[flat], ann, nsigma)
+    return median, mean, count
+
+
 def _ring_growth(d_flux: np.ndarray, f_ap: np.ndarray, clip: float) -> float:
     """Robust least-squares slope of ring flux against aperture flux (through the origin).
 
@@ -634,7 +424,7 @@ def _ring_growth(d_flux: np.ndarray, f_ap: np.ndarray, clip: float) -> float:
     g = float(np.median(d_flux[keep] / f_ap[keep]))
     for _ in range(10):
         resid = d_flux - g * f_ap
-        s = 1.4826 * float(np.median(np.abs(resid[keep] - np.median(resid[keep]))))
+        s = mad_std(resid[keep])
         new = keep & (np.abs(resid) <= clip * s) if s > 0 else keep
         if new.sum() < 3:
             break
@@ -681,7 +471,7 @@ def _aperture_correction(
     prev = f_ap + (prev - (np.asarray(s0, float) - bkg * math.pi * r0**2))
     # Error of the slope f_tot ≈ C·f_ap from its residuals.
     resid = prev - growth * f_ap
-    s = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+    s = mad_std(resid)
     err_c = s / math.sqrt(float(np.sum(f_ap**2))) if sel.size > 1 else math.inf
     err_mag = _MAG_PER_SNR * err_c / growth
     inner = _ring_growth(f_ap - st.f_depth[sel], st.f_depth[sel], p.clip_sigma) + 1.0
@@ -697,7 +487,7 @@ def _combine_zeropoint(
         if keep.sum() < 3:
             break
         med = np.median(zp[keep])
-        mad = 1.4826 * np.median(np.abs(zp[keep] - med))
+        mad = mad_std(zp[keep], med)
         scale = max(mad, float(np.median(sig[keep])) * 0.5, 1e-4)
         new = keep & (np.abs(zp - med) <= clip * np.hypot(scale, 0.0))
         if np.array_equal(new, keep):
@@ -758,8 +548,9 @@ def measure_photometry(
     params : PhotometryParams
         Aperture radii, cuts and clipping.
     background : SkyBackground or None
-        :func:`estimate_background` of the same ``data``, ``mask`` and ``params`` when already
-        computed (e.g. shared with the PSF measurement); estimated here when None.
+        :func:`~huntsman.science.background.estimate_background` of the same ``data`` and
+        ``mask`` when already computed (e.g. shared with the PSF measurement); estimated
+        here when None.
 
     Returns
     -------
@@ -779,21 +570,16 @@ def measure_photometry(
         raise ValueError("exptime_s and gain_e_per_adu must be positive")
     if background is not None and background.image.shape != data.shape:
         raise ValueError(f"background shape {background.image.shape} != data shape {data.shape}")
-    bg = _background(data, mask, params) if background is None else background
-    sky = _num(bg.sky_adu)
+    bg = estimate_background(data, mask) if background is None else background
+    sky = finite_or_none(bg.sky_adu)
     rn_adu = read_noise_e / gain_e_per_adu
-    sky_rms = _num(max(bg.sky_rms_adu, rn_adu))
+    sky_rms = finite_or_none(max(bg.sky_rms_adu, rn_adu))
     base = PhotometryResult(sky_adu=sky, sky_rms_adu=sky_rms)
 
-    if wcs is None or not wcs.has_celestial:
-        return dataclasses.replace(base, error="no WCS: zeropoint not measured")
-    if catalogue is None:
-        return dataclasses.replace(base, error="no reference catalogue: zeropoint not measured")
-    if filter_name not in catalogue.mags:
-        return dataclasses.replace(
-            base, error=f"reference catalogue has no magnitudes for filter {filter_name!r}")
-    if fwhm_px is None or not (math.isfinite(fwhm_px) and fwhm_px > 0):
-        return dataclasses.replace(base, error="no FWHM: zeropoint not measured")
+    missing = _missing_input(wcs, catalogue, filter_name, fwhm_px)
+    if missing is not None:
+        return dataclasses.replace(base, error=missing)
+    assert wcs is not None and catalogue is not None and fwhm_px is not None
     scale = pixel_scale_arcsec or float(
         np.sqrt(np.prod(proj_plane_pixel_scales(wcs.celestial))) * 3600.0)
 
@@ -809,8 +595,8 @@ def measure_photometry(
                         gain_e_per_adu, params)
     r_ap = params.aperture_fwhm_factor * fwhm_px
     r_depth = params.depth_aperture_fwhm_factor * fwhm_px
-    base = dataclasses.replace(base, aperture_radius_px=_num(r_ap),
-                               depth_aperture_radius_px=_num(r_depth))
+    base = dataclasses.replace(base, aperture_radius_px=finite_or_none(r_ap),
+                               depth_aperture_radius_px=finite_or_none(r_depth))
 
     # Astrometric residual over every well-measured star.
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -820,15 +606,15 @@ def measure_photometry(
         st.ra[astro], st.dec[astro], st.x[astro], st.y[astro], wcs,
         params.max_match_sep_arcsec))
     base = dataclasses.replace(
-        base, astrometric_median_arcsec=_num(res.median_arcsec),
-        astrometric_rms_arcsec=_num(res.rms_arcsec), n_astrometric_stars=res.n)
+        base, astrometric_median_arcsec=finite_or_none(res.median_arcsec),
+        astrometric_rms_arcsec=finite_or_none(res.rms_arcsec), n_astrometric_stars=res.n)
 
     c_ap, c_err_mag, c_depth, n_c = _aperture_correction(bg, st, fwhm_px, params)
     base = dataclasses.replace(base, n_aperture_correction_stars=n_c)
     if not math.isfinite(c_ap):
         return dataclasses.replace(
             base, error=f"aperture correction: only {n_c} bright isolated unsaturated stars")
-    base = dataclasses.replace(base, aperture_correction_mag=_num(2.5 * math.log10(c_ap)))
+    base = dataclasses.replace(base, aperture_correction_mag=finite_or_none(2.5 * math.log10(c_ap)))
 
     use = st.usable & (snr_ap >= params.min_snr) & (st.f_ap > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -844,14 +630,38 @@ def measure_photometry(
 
     sky_mag = None
     if sky is not None and sky > 0:
-        sky_mag = _num(zp - 2.5 * math.log10(sky / exptime_s / scale**2))
+        sky_mag = finite_or_none(zp - 2.5 * math.log10(sky / exptime_s / scale**2))
     lim = None
     if sky_rms is not None and math.isfinite(c_depth):
-        r_in, r_out = (f * fwhm_px for f in params.annulus_fwhm_factors)
-        f5 = limiting_flux_5sigma(sky_rms, math.pi * r_depth**2,
-                                  math.pi * (r_out**2 - r_in**2), gain_e_per_adu)
-        lim = _num(zp - 2.5 * math.log10(c_depth * f5 / exptime_s))
+        lim = _limiting_mag(zp, sky_rms, c_depth, fwhm_px, exptime_s, gain_e_per_adu, params)
     return dataclasses.replace(
-        base, zeropoint=_num(zp), zeropoint_err=_num(zp_err), n_zeropoint_stars=n_zp,
-        sky_mag_arcsec2=sky_mag, limiting_mag_5sigma=lim,
+        base, zeropoint=finite_or_none(zp), zeropoint_err=finite_or_none(zp_err),
+        n_zeropoint_stars=n_zp, sky_mag_arcsec2=sky_mag, limiting_mag_5sigma=lim,
     )
+
+
+def _missing_input(
+    wcs: WCS | None, catalogue: RefCatalogue | None, filter_name: str, fwhm_px: float | None
+) -> str | None:
+    """Why the zeropoint cannot be attempted (no WCS, catalogue, filter or FWHM), or None."""
+    if wcs is None or not wcs.has_celestial:
+        return "no WCS: zeropoint not measured"
+    if catalogue is None:
+        return "no reference catalogue: zeropoint not measured"
+    if filter_name not in catalogue.mags:
+        return f"reference catalogue has no magnitudes for filter {filter_name!r}"
+    if fwhm_px is None or not (math.isfinite(fwhm_px) and fwhm_px > 0):
+        return "no FWHM: zeropoint not measured"
+    return None
+
+
+def _limiting_mag(
+    zp: float, sky_rms: float, c_depth: float, fwhm_px: float, exptime_s: float,
+    gain_e_per_adu: float, params: PhotometryParams,
+) -> float | None:
+    """5σ total-flux depth (mag) in the depth aperture (method step 6)."""
+    r_depth = params.depth_aperture_fwhm_factor * fwhm_px
+    r_in, r_out = (f * fwhm_px for f in params.annulus_fwhm_factors)
+    f5 = limiting_flux_5sigma(sky_rms, math.pi * r_depth**2,
+                              math.pi * (r_out**2 - r_in**2), gain_e_per_adu)
+    return finite_or_none(zp - 2.5 * math.log10(c_depth * f5 / exptime_s))

@@ -26,17 +26,17 @@ convolution, an instrument constant, slightly rounds the image of a sub-2-px sta
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
-import sep
 from scipy.spatial import cKDTree
+
+from huntsman.science.background import detect, sep_background
+from huntsman.science.robust import mad_std
 
 __all__ = ["PSFResult", "image_fwhm", "measure_psf", "true_image_fwhm"]
 
 _N_PARAMS = 8  # flux, x0, y0, A, B, C, beta, sky
 _BETA_MIN, _BETA_MAX = 1.2, 20.0
-_MAD_TO_SIGMA = 1.4826
 _QUAD_ORDER = 3
 _HALF_FWHM = 1.5
 
@@ -58,7 +58,8 @@ class PSFResult:
     fwhm_px, fwhm_arcsec : float or None
         Median image FWHM (see the module docstring) in px and arcsec (None without a scale).
     fwhm_scatter_px : float or None
-        Robust scatter (1.4826 x MAD) of the per-star image FWHM, px.
+        Robust scatter (MAD σ, :func:`~huntsman.science.robust.mad_std`) of the per-star
+        image FWHM, px.
     fwhm_major_px, fwhm_minor_px : float or None
         Median intrinsic (pre-pixel) FWHM along the major and minor axes, px.
     ellipticity : float or None
@@ -337,8 +338,8 @@ def measure_psf(
     *,
     background: np.ndarray | float | None = None,
     background_rms: float | None = None,
-    saturation_adu: float = 4094.0,
-    gain_e_per_adu: float = 1.145,
+    saturation_adu: float,
+    gain_e_per_adu: float,
     pixel_scale_arcsec: float | None = None,
     max_stars: int = 150,
     grid: tuple[int, int] = (3, 3),
@@ -355,13 +356,15 @@ def measure_psf(
     data : numpy.ndarray, shape (ny, nx)
         Frame in ADU (raw or calibrated, any numeric dtype); not modified.
     background : numpy.ndarray of shape (ny, nx), float or None
-        Sky (plus bias) level in ADU; estimated with ``sep.Background`` when None.
+        Sky (plus bias) level in ADU; estimated with
+        :func:`~huntsman.science.background.sep_background` when None.
     background_rms : float or None
-        Global sky noise in ADU; estimated with ``sep.Background`` when None.
+        Global sky noise in ADU; estimated with the same background when None.
     saturation_adu : float
-        Raw level (ADU, including background) at which pixels saturate.
+        Level (ADU, including background) at which pixels saturate: the detector's
+        (:class:`~huntsman.models.DetectorConstants`), no default.
     gain_e_per_adu : float
-        Detector gain, for the Poisson part of the per-pixel weights.
+        Detector gain (e⁻/ADU), for the Poisson part of the per-pixel weights; no default.
     pixel_scale_arcsec : float or None
         Pixel scale in arcsec/px; ``fwhm_arcsec`` is None without it.
     max_stars : int
@@ -391,7 +394,7 @@ def measure_psf(
     if not np.all(np.isfinite(img)):
         img = np.where(np.isfinite(img), img, np.float32(0.0))
     if background is None or background_rms is None:
-        bkg = sep.Background(np.ascontiguousarray(img), bw=64, bh=64)
+        bkg = sep_background(np.ascontiguousarray(img))
         back: np.ndarray | float = bkg.back() if background is None else background
         rms = float(bkg.globalrms) if background_rms is None else float(background_rms)
     else:
@@ -403,7 +406,7 @@ def measure_psf(
 
     if catalogue is None:
         try:
-            catalogue = sep.extract(sub, detect_sigma, err=rms, minarea=5)
+            catalogue = detect(sub, detect_sigma, rms, minarea=5)
         except Exception as exc:  # sep raises plain Exception on pixel-stack overflow
             return _empty(f"source detection failed: {exc}", grid)
     cat = catalogue
@@ -504,14 +507,14 @@ def _summarise(
     keep = np.ones(sel.size, dtype=bool)
     for _ in range(3):
         med = np.median(fw[keep])
-        mad = _MAD_TO_SIGMA * np.median(np.abs(fw[keep] - med))
+        mad = mad_std(fw[keep], med)
         new = np.abs(fw - med) <= max(3.0 * mad, 0.02 * med)
         if np.array_equal(new, keep):
             break
         keep = new
     sel, fw = sel[keep], fw[keep]
     med = float(np.median(fw))
-    scatter = float(_MAD_TO_SIGMA * np.median(np.abs(fw - med)))
+    scatter = mad_std(fw, med)
     ny, nx = shape
     gy = np.minimum((y[sel] * grid[0] // ny).astype(int), grid[0] - 1)
     gx = np.minimum((x[sel] * grid[1] // nx).astype(int), grid[1] - 1)
@@ -548,7 +551,3 @@ def _mean_ellipticity(axis_ratio: np.ndarray, theta_deg: np.ndarray) -> float:
     e_mod = float(np.hypot(np.median(e * np.cos(t)), np.median(e * np.sin(t))))
     return 1.0 - (1.0 - e_mod) / (1.0 + e_mod)
 
-
-def grid_values(result: PSFResult) -> Sequence[float | None]:
-    """The grid FWHM map flattened row by row (convenience for storage)."""
-    return [v for row in result.grid_fwhm_px for v in row]

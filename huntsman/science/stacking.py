@@ -339,6 +339,56 @@ def _walk_hi(flat: np.ndarray, npix: int, pix: np.ndarray, start: np.ndarray,
     return new
 
 
+def _median_of(
+    flat: np.ndarray, npix: int, idx: np.ndarray, start: np.ndarray, m: np.ndarray
+) -> np.ndarray:
+    """Median of the ``m`` sorted values from ``start`` of pixels ``idx`` (NaN where m == 0)."""
+    a = flat[(start + np.maximum(m - 1, 0) // 2) * npix + idx].astype(np.float64)
+    b = flat[(start + m // 2) * npix + idx]
+    with np.errstate(invalid="ignore"):
+        med: np.ndarray = np.where(m > 0, 0.5 * (a + b), np.nan)
+    return med
+
+
+def _initial_state(
+    stack: np.ndarray,
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sort ``stack`` in place; valid counts, minimum count, median, and sums about it.
+
+    Returns ``(n_valid, min_valid, ref, ref_finite, s1, s2)``: sums of the deviations (and
+    their squares) of every valid value from the initial median ``ref`` (NaN→0 in
+    ``ref_finite``), so that they are well conditioned.
+    """
+    n_frames, npix = stack.shape
+    stack.sort(axis=0)  # NaN last
+    pix = np.arange(npix)
+    # NaN sorts last: a pixel has a NaN only if its last sorted value is NaN.
+    has_nan = np.isnan(stack[n_frames - 1])
+    n_valid = np.full(npix, n_frames, dtype=np.intp)
+    if has_nan.any():
+        nan_pix = np.flatnonzero(has_nan)
+        n_valid[nan_pix] -= np.count_nonzero(np.isnan(stack[:, nan_pix]), axis=0)
+        min_valid = int(n_valid.min())
+        ref = _median_of(stack.reshape(-1), npix, pix, np.zeros(npix, dtype=np.intp), n_valid)
+    else:
+        min_valid = n_frames
+        ref = stack[(n_frames - 1) // 2].astype(np.float64)
+        ref += stack[n_frames // 2]
+        ref *= 0.5
+    ref_finite = np.where(np.isfinite(ref), ref, 0.0)
+    s1 = np.zeros(npix)
+    s2 = np.zeros(npix)
+    d = np.empty(npix)
+    for k in range(n_frames):
+        np.subtract(stack[k], ref_finite, out=d)
+        if k >= min_valid:
+            d[k >= n_valid] = 0.0
+        s1 += d
+        d *= d
+        s2 += d
+    return n_valid, min_valid, ref, ref_finite, s1, s2
+
+
 def _clip_band(
     stack: np.ndarray,
     sigma_lower: float,
@@ -359,44 +409,9 @@ def _clip_band(
     n_used : numpy.ndarray, intp, shape (P,)
     """
     n_frames, npix = stack.shape
-    stack.sort(axis=0)  # NaN last
+    n_valid, min_valid, ref, ref_finite, s1, s2 = _initial_state(stack)
     flat = stack.reshape(-1)
     pix = np.arange(npix)
-
-    def median_of(idx: np.ndarray, start: np.ndarray, m: np.ndarray) -> np.ndarray:
-        a = flat[(start + np.maximum(m - 1, 0) // 2) * npix + idx].astype(np.float64)
-        b = flat[(start + m // 2) * npix + idx]
-        with np.errstate(invalid="ignore"):
-            med: np.ndarray = np.where(m > 0, 0.5 * (a + b), np.nan)
-        return med
-
-    # NaN sorts last: a pixel has a NaN only if its last sorted value is NaN.
-    has_nan = np.isnan(stack[n_frames - 1])
-    n_valid = np.full(npix, n_frames, dtype=np.intp)
-    if has_nan.any():
-        nan_pix = np.flatnonzero(has_nan)
-        n_valid[nan_pix] -= np.count_nonzero(np.isnan(stack[:, nan_pix]), axis=0)
-        min_valid = int(n_valid.min())
-        ref = median_of(pix, np.zeros(npix, dtype=np.intp), n_valid)
-    else:
-        min_valid = n_frames
-        ref = stack[(n_frames - 1) // 2].astype(np.float64)
-        ref += stack[n_frames // 2]
-        ref *= 0.5
-    ref_finite = np.where(np.isfinite(ref), ref, 0.0)
-
-    # Sums are taken about the initial median so that they are well conditioned.
-    s1 = np.zeros(npix)
-    s2 = np.zeros(npix)
-    d = np.empty(npix)
-    for k in range(n_frames):
-        np.subtract(stack[k], ref_finite, out=d)
-        if k >= min_valid:
-            d[k >= n_valid] = 0.0
-        s1 += d
-        d *= d
-        s2 += d
-    del d
 
     lo = np.zeros(npix, dtype=np.intp)
     hi = n_valid
@@ -415,26 +430,18 @@ def _clip_band(
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_d = s1a / m
             std = np.sqrt(np.maximum(s2a / m - mean_d * mean_d, 0.0))
-        if median_centre:
-            if centre is None:
-                centre = median_of(act_pix, cur_lo, m)
-        else:
+        if not median_centre:
             centre = (ref_finite if active is None else ref_finite[active]) + mean_d
+        elif centre is None:
+            centre = _median_of(flat, npix, act_pix, cur_lo, m)
         with np.errstate(invalid="ignore"):
             lower = _round_up_f32(centre - sigma_lower * std)
             upper = _round_down_f32(centre + sigma_upper * std)
         centre = None
         del mean_d, std
         # First step of each walk with one gather (or a row) over every active pixel.
-        with np.errstate(invalid="ignore"):
-            if active is None and min_valid == n_frames:
-                first_lo = stack[0] < lower
-                first_hi = ~(stack[n_frames - 1] <= upper)
-            else:
-                safe_lo = np.minimum(cur_lo, n_frames - 1)
-                first_lo = (flat[safe_lo * npix + act_pix] < lower) & (cur_lo < n_frames)
-                safe_hi = np.maximum(cur_hi - 1, 0)
-                first_hi = ~(flat[safe_hi * npix + act_pix] <= upper)
+        first_lo, first_hi = _first_steps(stack, active is None and min_valid == n_frames,
+                                          act_pix, cur_lo, cur_hi, lower, upper)
         if not (first_lo.any() or first_hi.any()):
             break
         new_lo = _walk_lo(flat, npix, n_frames, act_pix, cur_lo, lower, first_lo)
@@ -460,6 +467,27 @@ def _clip_band(
     mean[n_used == 0] = np.nan
     sem[n_used < 2] = np.nan
     return mean, sem, n_used
+
+
+def _first_steps(
+    stack: np.ndarray, whole_rows: bool, act_pix: np.ndarray, cur_lo: np.ndarray,
+    cur_hi: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whether the lowest (highest) kept value of each active pixel falls outside the interval.
+
+    ``whole_rows``: every pixel is active and has every frame valid, so the first and last
+    sorted rows are read directly instead of gathered.
+    """
+    n_frames, npix = stack.shape
+    flat = stack.reshape(-1)
+    with np.errstate(invalid="ignore"):
+        if whole_rows:
+            return stack[0] < lower, ~(stack[n_frames - 1] <= upper)
+        safe_lo = np.minimum(cur_lo, n_frames - 1)
+        first_lo = (flat[safe_lo * npix + act_pix] < lower) & (cur_lo < n_frames)
+        safe_hi = np.maximum(cur_hi - 1, 0)
+        first_hi = ~(flat[safe_hi * npix + act_pix] <= upper)
+    return first_lo, first_hi
 
 
 def sigma_clipped_combine(
@@ -533,18 +561,46 @@ def sigma_clipped_combine(
         No frames, frames (or masters) of different shapes (the message names the file), bad
         parameters, or a memory limit too small for one row.
     """
+    _check_clipping(cenfunc, stdfunc, maxiters)
+    s_lo = float(sigma if sigma_lower is None else sigma_lower)
+    s_hi = float(sigma if sigma_upper is None else sigma_upper)
+    sources, bias_src, dark_src = _open_sources(paths_or_loaders, bias, dark_rate)
+    if dark_src is not None and exptimes is None:
+        raise ValueError("exptimes are required to subtract a dark rate")
+    n = len(sources)
+    corrections = _Corrections(
+        scales=_per_frame(scales, n, "scales", 1.0),
+        offsets=_per_frame(offsets, n, "offsets", 0.0),
+        exptimes=_per_frame(exptimes, n, "exptimes", 0.0),
+        transform=transform,
+    )
+    if np.any(corrections.scales == 0) or not np.all(np.isfinite(corrections.scales)):
+        raise ValueError("scales must be finite and non-zero")
+    n_masters = int(bias_src is not None) + int(dark_src is not None)
+    plan = plan_bands(n, sources[0].shape, memory_limit_mb, n_masters)
+    combiner = _BandCombiner(sources, bias_src, dark_src, corrections, plan, dtype,
+                             (s_lo, s_hi, maxiters, cenfunc == "median"))
+    return combiner.run(io_threads, threads)
+
+
+def _check_clipping(cenfunc: str, stdfunc: str, maxiters: int) -> None:
     if cenfunc not in ("median", "mean"):
         raise ValueError(f"cenfunc must be 'median' or 'mean', not {cenfunc!r}")
     if stdfunc != "std":
         raise ValueError(f"stdfunc must be 'std', not {stdfunc!r}")
     if maxiters < 0:
         raise ValueError("maxiters must be >= 0")
-    s_lo = float(sigma if sigma_lower is None else sigma_lower)
-    s_hi = float(sigma if sigma_upper is None else sigma_upper)
-    if not paths_or_loaders:
+
+
+def _open_sources(
+    items: Sequence[str | Path | np.ndarray | FrameSource],
+    bias: str | Path | np.ndarray | FrameSource | None,
+    dark_rate: str | Path | np.ndarray | FrameSource | None,
+) -> tuple[list[FrameSource], FrameSource | None, FrameSource | None]:
+    """The frames and masters as sources, all checked to have the first frame's shape."""
+    if not items:
         raise ValueError("no frames to combine")
-    sources = [as_source(s, f"<frame {i}>") for i, s in enumerate(paths_or_loaders)]
-    n = len(sources)
+    sources = [as_source(s, f"<frame {i}>") for i, s in enumerate(items)]
     shape = sources[0].shape
     for src in sources[1:]:
         if src.shape != shape:
@@ -556,56 +612,80 @@ def sigma_clipped_combine(
     for master in (bias_src, dark_src):
         if master is not None and master.shape != shape:
             raise ValueError(f"{master.name}: master shape {master.shape} differs from {shape}")
-    if dark_src is not None and exptimes is None:
-        raise ValueError("exptimes are required to subtract a dark rate")
-    scale_arr = _per_frame(scales, n, "scales", 1.0)
-    offset_arr = _per_frame(offsets, n, "offsets", 0.0)
-    exptime_arr = _per_frame(exptimes, n, "exptimes", 0.0)
-    if np.any(scale_arr == 0) or not np.all(np.isfinite(scale_arr)):
-        raise ValueError("scales must be finite and non-zero")
+    return sources, bias_src, dark_src
 
-    n_masters = int(bias_src is not None) + int(dark_src is not None)
-    plan = plan_bands(n, shape, memory_limit_mb, n_masters)
-    ny, nx = shape
-    out = np.empty(shape, dtype=dtype)
-    uncert = np.empty(shape, dtype=np.float32)
-    n_used_out = np.empty(shape, dtype=np.uint16)
-    n_finite = np.zeros(n, dtype=np.int64)
 
-    bands = [
-        slice(r, min(r + plan.rows_per_band, ny)) for r in range(0, ny, plan.rows_per_band)
-    ]
-    block_rows = max(1, _BLOCK_PIXELS // nx)
-    # Two band buffers, reused: one is clipped while the next band is read into the other.
-    buffers = [np.empty(n * plan.rows_per_band * nx, dtype=np.float32)
-               for _ in range(min(2, len(bands)))]
+@dataclasses.dataclass(frozen=True)
+class _Corrections:
+    """Per-frame corrections ``(raw - bias - dark·t - offset) / scale``, then ``transform``."""
 
-    def band_blocks(rows: slice, buffer: np.ndarray) -> list[tuple[slice, np.ndarray]]:
+    scales: np.ndarray
+    offsets: np.ndarray
+    exptimes: np.ndarray
+    transform: FrameTransform | None
+
+    def apply(self, band: np.ndarray, i: int, rows: slice, mbias: np.ndarray | None,
+              mdark: np.ndarray | None, name: str) -> np.ndarray:
+        """Correct frame ``i``'s float32 ``band`` (in place where it can) and return it."""
+        if mbias is not None:
+            band -= mbias
+        if mdark is not None:
+            band -= np.float32(self.exptimes[i]) * mdark
+        if self.offsets[i] != 0.0:
+            band -= np.float32(self.offsets[i])
+        if self.scales[i] != 1.0:
+            band /= np.float32(self.scales[i])
+        if self.transform is not None:
+            shape = band.shape
+            band = np.asarray(self.transform(band, i, rows), dtype=np.float32)
+            if band.shape != shape:
+                raise ValueError(f"transform changed the band shape of {name}")
+        return band
+
+
+_Block = tuple[slice, np.ndarray]
+
+
+class _BandCombiner:
+    """The streamed combination: bands read by I/O threads while row blocks are clipped."""
+
+    def __init__(
+        self, sources: list[FrameSource], bias_src: FrameSource | None,
+        dark_src: FrameSource | None, corrections: _Corrections, plan: BandPlan,
+        dtype: type[np.floating] | np.dtype, clipping: tuple[float, float, int, bool],
+    ) -> None:
+        self.sources, self.bias_src, self.dark_src = sources, bias_src, dark_src
+        self.corrections, self.plan, self.clipping = corrections, plan, clipping
+        self.n = len(sources)
+        self.shape = sources[0].shape
+        ny, nx = self.shape
+        self.nx = nx
+        self.out = np.empty(self.shape, dtype=dtype)
+        self.uncert = np.empty(self.shape, dtype=np.float32)
+        self.n_used = np.empty(self.shape, dtype=np.uint16)
+        self.n_finite = np.zeros(self.n, dtype=np.int64)
+        self.bands = [slice(r, min(r + plan.rows_per_band, ny))
+                      for r in range(0, ny, plan.rows_per_band)]
+        self.block_rows = max(1, _BLOCK_PIXELS // nx)
+        # Two band buffers, reused: one is clipped while the next band is read into the other.
+        self.buffers = [np.empty(self.n * plan.rows_per_band * nx, dtype=np.float32)
+                        for _ in range(min(2, len(self.bands)))]
+
+    def band_blocks(self, rows: slice, buffer: np.ndarray) -> list[_Block]:
         """Row blocks of a band: (rows in the band, C-contiguous (n, pixels) stack view)."""
+        n, nx = self.n, self.nx
         height = rows.stop - rows.start
         blocks = []
-        for a in range(0, height, block_rows):
-            b = min(a + block_rows, height)
+        for a in range(0, height, self.block_rows):
+            b = min(a + self.block_rows, height)
             view = buffer[n * a * nx:n * b * nx].reshape(n, (b - a) * nx)
             blocks.append((slice(a, b), view))
         return blocks
 
-    def read_frame(i: int, rows: slice, blocks: list[tuple[slice, np.ndarray]],
+    def read_frame(self, i: int, rows: slice, blocks: list[_Block],
                    masters: tuple[np.ndarray | None, np.ndarray | None]) -> int:
-        band = sources[i].read_rows(rows.start, rows.stop)
-        mbias, mdark = masters
-        if mbias is not None:
-            band -= mbias
-        if mdark is not None:
-            band -= np.float32(exptime_arr[i]) * mdark
-        if offset_arr[i] != 0.0:
-            band -= np.float32(offset_arr[i])
-        if scale_arr[i] != 1.0:
-            band /= np.float32(scale_arr[i])
-        if transform is not None:
-            band = np.asarray(transform(band, i, rows), dtype=np.float32)
-            if band.shape != (rows.stop - rows.start, nx):
-                raise ValueError(f"transform changed the band shape of {sources[i].name}")
+        band = self.sources[i].read_rows(rows.start, rows.stop)
+        band = self.corrections.apply(band, i, rows, *masters, self.sources[i].name)
         finite = np.isfinite(band)
         n_ok = int(np.count_nonzero(finite))
         if n_ok != band.size:
@@ -614,46 +694,51 @@ def sigma_clipped_combine(
             stack[i] = band[block].reshape(-1)
         return n_ok
 
-    def load_band(pool: ThreadPoolExecutor, rows: slice,
-                  buffer: np.ndarray) -> tuple[list[tuple[slice, np.ndarray]], list[Future[int]]]:
+    def load_band(self, pool: ThreadPoolExecutor, rows: slice,
+                  buffer: np.ndarray) -> tuple[list[_Block], list[Future[int]]]:
+        bias_src, dark_src = self.bias_src, self.dark_src
         mbias = None if bias_src is None else bias_src.read_rows(rows.start, rows.stop)
         mdark = None if dark_src is None else dark_src.read_rows(rows.start, rows.stop)
-        blocks = band_blocks(rows, buffer)
-        futures = [pool.submit(read_frame, i, rows, blocks, (mbias, mdark)) for i in range(n)]
+        blocks = self.band_blocks(rows, buffer)
+        futures = [pool.submit(self.read_frame, i, rows, blocks, (mbias, mdark))
+                   for i in range(self.n)]
         return blocks, futures
 
-    def clip_block(rows: slice, block: slice, stack: np.ndarray) -> None:
-        mean, sem, n_used = _clip_band(stack, s_lo, s_hi, maxiters, cenfunc == "median")
+    def clip_block(self, rows: slice, block: slice, stack: np.ndarray) -> None:
+        mean, sem, n_used = _clip_band(stack, *self.clipping)
         out_rows = slice(rows.start + block.start, rows.start + block.stop)
         height = block.stop - block.start
-        out[out_rows] = mean.reshape(height, nx)
-        uncert[out_rows] = sem.reshape(height, nx)
-        n_used_out[out_rows] = n_used.reshape(height, nx)
+        self.out[out_rows] = mean.reshape(height, self.nx)
+        self.uncert[out_rows] = sem.reshape(height, self.nx)
+        self.n_used[out_rows] = n_used.reshape(height, self.nx)
 
-    cpus = os.cpu_count() or 1
-    io_workers = max(1, min(io_threads, cpus))
-    # At most one thread per block, so the work vectors in flight never exceed one band's.
-    clip_workers = max(1, min(cpus if threads is None else threads,
-                              math.ceil(plan.rows_per_band / block_rows)))
-    with ThreadPoolExecutor(max_workers=io_workers, thread_name_prefix="stack-io") as io_pool, \
-            ThreadPoolExecutor(max_workers=clip_workers,
-                               thread_name_prefix="stack-clip") as clip_pool:
-        pending = load_band(io_pool, bands[0], buffers[0])
-        for b, rows in enumerate(bands):
-            blocks, futures = pending
-            for i, fut in enumerate(futures):
-                n_finite[i] += fut.result()
-            if b + 1 < len(bands):
-                pending = load_band(io_pool, bands[b + 1], buffers[(b + 1) % 2])
-            clips = [clip_pool.submit(clip_block, rows, block, stack) for block, stack in blocks]
-            for clip in clips:
-                clip.result()
-
-    return CombineResult(
-        data=out,
-        uncertainty=uncert,
-        n_used=n_used_out,
-        frame_valid_fraction=tuple(float(c) / (ny * nx) for c in n_finite),
-        names=tuple(s.name for s in sources),
-        plan=plan,
-    )
+    def run(self, io_threads: int, threads: int | None) -> CombineResult:
+        cpus = os.cpu_count() or 1
+        io_workers = max(1, min(io_threads, cpus))
+        # At most one thread per block, so the work vectors in flight never exceed one band's.
+        clip_workers = max(1, min(cpus if threads is None else threads,
+                                  math.ceil(self.plan.rows_per_band / self.block_rows)))
+        bands = self.bands
+        with ThreadPoolExecutor(max_workers=io_workers, thread_name_prefix="stack-io") as io_pool, \
+                ThreadPoolExecutor(max_workers=clip_workers,
+                                   thread_name_prefix="stack-clip") as clip_pool:
+            pending = self.load_band(io_pool, bands[0], self.buffers[0])
+            for b, rows in enumerate(bands):
+                blocks, futures = pending
+                for i, fut in enumerate(futures):
+                    self.n_finite[i] += fut.result()
+                if b + 1 < len(bands):
+                    pending = self.load_band(io_pool, bands[b + 1], self.buffers[(b + 1) % 2])
+                clips = [clip_pool.submit(self.clip_block, rows, block, stack)
+                         for block, stack in blocks]
+                for clip in clips:
+                    clip.result()
+        ny, nx = self.shape
+        return CombineResult(
+            data=self.out,
+            uncertainty=self.uncert,
+            n_used=self.n_used,
+            frame_valid_fraction=tuple(float(c) / (ny * nx) for c in self.n_finite),
+            names=tuple(s.name for s in self.sources),
+            plan=self.plan,
+        )

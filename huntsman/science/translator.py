@@ -12,6 +12,9 @@ from astro_metadata_translator.translator import cache_translation
 from astropy.coordinates import EarthLocation, SkyCoord
 from astropy.time import Time
 
+from huntsman.models import ObservationType
+from huntsman.science.site import SITE
+
 __all__ = [
     "HuntsmanTranslator",
     "TranslationError",
@@ -20,8 +23,6 @@ __all__ = [
     "translate",
 ]
 
-# Siding Spring Observatory, used when the header carries no site keywords.
-SSO_LOCATION = EarthLocation.from_geodetic(lon=149.07 * u.deg, lat=-31.27 * u.deg, height=1165 * u.m)
 
 # The control software writes bias frames with EXPTIME = 1e-32; anything this short is zero.
 _ZERO_EXPOSURE_S = 1e-6
@@ -46,16 +47,16 @@ def clean_header(header: Mapping[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
-def classify_observation_type(imagetyp: Any, field: Any) -> str:
+def classify_observation_type(imagetyp: Any, field: Any) -> ObservationType:
     """Huntsman observation type (bias, dark, flat, science) from ``IMAGETYP`` and ``FIELD``."""
     if not isinstance(imagetyp, str) or not imagetyp.strip():
         raise TranslationError("IMAGETYP is missing, so the observation type is unknown")
     kind = imagetyp.strip().lower()
     name = field.strip() if isinstance(field, str) else ""
     if kind == "light frame":
-        return "flat" if name.lower().startswith("flat") else "science"
+        return ObservationType.FLAT if name.lower().startswith("flat") else ObservationType.SCIENCE
     if kind == "dark frame":
-        return "bias" if name.lower() == "bias" else "dark"
+        return ObservationType.BIAS if name.lower() == "bias" else ObservationType.DARK
     raise TranslationError(f"unknown IMAGETYP {imagetyp!r} (expected 'Light Frame' or 'Dark Frame')")
 
 
@@ -139,7 +140,7 @@ class HuntsmanTranslator(FitsTranslator):
         lon = _parse_float(self._header, "LONG-OBS")
         height = _parse_float(self._header, "ELEV-OBS")
         if lat is None or lon is None:
-            return SSO_LOCATION
+            return SITE  # Siding Spring, when the header carries no site keywords
         return EarthLocation.from_geodetic(lon=lon * u.deg, lat=lat * u.deg, height=(height or 0) * u.m)
 
     @cache_translation
@@ -161,7 +162,7 @@ class HuntsmanTranslator(FitsTranslator):
 
     @cache_translation
     def to_can_see_sky(self) -> bool:
-        return self.to_observation_type() in ("science", "flat")
+        return self.to_observation_type() in (ObservationType.SCIENCE, ObservationType.FLAT)
 
     @cache_translation
     def to_detector_num(self) -> int:

@@ -43,10 +43,12 @@ import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from astropy.io import fits
 
+from huntsman.science.fitsio import image_hdu_index
 from huntsman.science.paths import UnsafePathError, create_temp, fsync_dir, inside
 
 __all__ = [
@@ -107,7 +109,9 @@ def strip_wcs(header: fits.Header) -> fits.Header:
 
 
 def _target_hdu(path: Path) -> int:
-    return 1 if path.name.lower().endswith(".fz") else 0
+    """The image HDU (:func:`~huntsman.science.fitsio.find_image_hdu`): 0, or 1 for ``.fits.fz``."""
+    with fits.open(path, lazy_load_hdus=True) as hdul:
+        return image_hdu_index(hdul)
 
 
 def _header_span(path: Path, index: int) -> tuple[int, int]:
@@ -205,38 +209,12 @@ def write_wcs_into_raw(
         header, start, end = _read_raw_header(p, index)
         if str(header.get(marker_key, "")) == digest:
             return False
-        new = header.copy()
-        for key in list(dict.fromkeys(new.keys())):
-            if key and (is_wcs_keyword(key) or key == marker_key):
-                del new[key]
-        for key, value in wcs_header.items():
-            if str(key).upper() in ("COMMENT", "HISTORY", ""):
-                continue
-            new[str(key)] = value
-        new[marker_key] = (digest, "hash of the WCS written by huntsman")
-        block = new.tostring(padding=True).encode("ascii")
-        if len(block) % _BLOCK:
-            raise ValueError("header serialisation is not a multiple of 2880 bytes")
-
+        block = _new_header_block(header, wcs_header, marker_key, digest)
         fd, tmp = create_temp(p.parent, f".{p.name}.", TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as dst:
-                src.seek(0)
-                dst.write(src.read(start))
-                dst.write(block)
-                src.seek(end)
-                while chunk := src.read(_COPY_CHUNK):
-                    dst.write(chunk)
-                dst.flush()
-                made = os.fstat(dst.fileno())
-                if (info.st_uid, info.st_gid) != (made.st_uid, made.st_gid):
-                    try:
-                        os.fchown(dst.fileno(), info.st_uid, info.st_gid)
-                    except PermissionError:
-                        raise WcsWriteRefused(
-                            f"{p}: its owner {info.st_uid}:{info.st_gid} cannot be kept"
-                        ) from None
-                os.fchmod(dst.fileno(), stat.S_IMODE(info.st_mode))
+                _splice(src, dst, start, end, block)
+                _keep_owner_and_mode(p, dst.fileno(), info)
                 os.fsync(dst.fileno())
             os.replace(tmp, p)
         except BaseException:
@@ -244,6 +222,50 @@ def write_wcs_into_raw(
             raise
     fsync_dir(p.parent)
     return True
+
+
+def _new_header_block(
+    header: fits.Header, wcs_header: Mapping[str, str | int | float], marker_key: str,
+    digest: str,
+) -> bytes:
+    """The header block with its old WCS (and marker) replaced by ``wcs_header``, padded."""
+    new = header.copy()
+    for key in list(dict.fromkeys(new.keys())):
+        if key and (is_wcs_keyword(key) or key == marker_key):
+            del new[key]
+    for key, value in wcs_header.items():
+        if str(key).upper() in ("COMMENT", "HISTORY", ""):
+            continue
+        new[str(key)] = value
+    new[marker_key] = (digest, "hash of the WCS written by huntsman")
+    block: bytes = new.tostring(padding=True).encode("ascii")
+    if len(block) % _BLOCK:
+        raise ValueError("header serialisation is not a multiple of 2880 bytes")
+    return block
+
+
+def _splice(src: BinaryIO, dst: BinaryIO, start: int, end: int, block: bytes) -> None:
+    """Copy ``src`` into ``dst`` with its bytes ``[start, end)`` replaced by ``block``."""
+    src.seek(0)
+    dst.write(src.read(start))
+    dst.write(block)
+    src.seek(end)
+    while chunk := src.read(_COPY_CHUNK):
+        dst.write(chunk)
+    dst.flush()
+
+
+def _keep_owner_and_mode(p: Path, fd: int, info: os.stat_result) -> None:
+    """Give the new file the original's owner, group and mode (refuse if the owner cannot)."""
+    made = os.fstat(fd)
+    if (info.st_uid, info.st_gid) != (made.st_uid, made.st_gid):
+        try:
+            os.fchown(fd, info.st_uid, info.st_gid)
+        except PermissionError:
+            raise WcsWriteRefused(
+                f"{p}: its owner {info.st_uid}:{info.st_gid} cannot be kept"
+            ) from None
+    os.fchmod(fd, stat.S_IMODE(info.st_mode))
 
 
 def cleanup_temp_files(directory: str | Path, *, recursive: bool = True) -> list[Path]:

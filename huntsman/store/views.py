@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from huntsman.models import IngestStatus, QCStatus, WcsStatus
-from huntsman.report.data import get_path, number
 from huntsman.store.exposures import ExposureCollection
+from huntsman.values import finite_or_none, get_path
 
 __all__ = [
     "DURATION_FIELDS",
@@ -147,7 +147,7 @@ async def recent_stage_times(exposures: ExposureCollection, n: int, *, timeout_s
     projection = {"_id": 0, "timing": 1, **{field: 1 for _, field in DURATION_FIELDS}}
     docs = await _newest(exposures, {}, projection, "date_obs", n, timeout_s)
     durations = {
-        stage: [v for d in docs if (v := number(get_path(d, field))) is not None]
+        stage: [v for d in docs if (v := finite_or_none(get_path(d, field))) is not None]
         for stage, field in DURATION_FIELDS
     }
     latencies = {

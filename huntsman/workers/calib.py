@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from huntsman.models import ObservationType
 from huntsman.science.masters import (
     MasterParams,
     MasterResult,
@@ -43,15 +44,15 @@ def build_calib_master(job: CalibJob) -> MasterResult:
     root = job.out_root if job.out_root is not None else out.parent
     make_dirs(out.parent, root)
     inside(out, root)
-    if job.calib_type == "bias":
+    if job.calib_type == ObservationType.BIAS:
         return build_master_bias(job.paths, job.out_path, job.params, job.provenance)
     if job.bias_path is None:
         raise ValueError(f"a master {job.calib_type} needs a master bias")
-    if job.calib_type == "dark":
+    if job.calib_type == ObservationType.DARK:
         return build_master_dark(
             job.paths, job.exptimes, job.out_path, job.bias_path, job.params, job.provenance
         )
-    if job.calib_type == "flat":
+    if job.calib_type == ObservationType.FLAT:
         return build_master_flat(
             job.paths, job.out_path, job.bias_path, job.dark_path, job.exptimes, job.params,
             job.provenance,

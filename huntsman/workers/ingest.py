@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import math
 import os
 import time
 from pathlib import Path
@@ -26,15 +25,10 @@ from huntsman.science.translator import (
     clean_header,
     translate,
 )
+from huntsman.values import finite_or_none
 from huntsman.workers.guard import describe_exception
 
 __all__ = ["ingest_file", "standard_fields"]
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def standard_fields(header: Any, filename: str, params: IngestParams) -> dict[str, Any]:
@@ -59,10 +53,10 @@ def standard_fields(header: Any, filename: str, params: IngestParams) -> dict[st
         "exposure_time": exposure_time,
         "date_obs": begin,
         "field": info.object,
-        "ra": _finite(float(radec.ra.deg)) if radec is not None else None,
-        "dec": _finite(float(radec.dec.deg)) if radec is not None else None,
-        "airmass": _finite(info.boresight_airmass),
-        "ccd_temp": _finite(float(temperature.to_value("deg_C"))) if temperature is not None else None,
+        "ra": finite_or_none(float(radec.ra.deg)) if radec is not None else None,
+        "dec": finite_or_none(float(radec.dec.deg)) if radec is not None else None,
+        "airmass": finite_or_none(info.boresight_airmass),
+        "ccd_temp": finite_or_none(float(temperature.to_value("deg_C"))) if temperature is not None else None,
         "image_id": info.observation_id,
         "sequence_id": info.exposure_group,
         "calib_date": begin.date().isoformat(),
@@ -73,16 +67,7 @@ def standard_fields(header: Any, filename: str, params: IngestParams) -> dict[st
 
 def _metrics(data: np.ndarray, fields: dict[str, Any], params: IngestParams) -> dict[str, Any]:
     """Every per-frame metric; each one that fails is listed under ``failed`` with its reason."""
-    detector = params.detector
-    metric_params = MetricParams(
-        saturation_adu=detector.saturation_adu,
-        pixel_scale_arcsec=detector.pixel_scale_arcsec,
-        gain_e_per_adu=detector.gain_e_per_adu,
-        read_noise_e=detector.read_noise_e,
-        bias_level_adu=detector.bias_level_adu,
-        dark_current_e_per_s=detector.dark_current_e_per_s,
-        exptime_s=fields.get("exposure_time"),
-    )
+    metric_params = MetricParams(detector=params.detector, exptime_s=fields.get("exposure_time"))
     result = compute_metrics(data, fields["observation_type"], params=metric_params).to_dict()
     result["shape"] = [int(data.shape[0]), int(data.shape[1])]
     return result
@@ -195,7 +180,7 @@ def _partial_fields(header: Any, path: str, params: IngestParams) -> dict[str, A
         )
     exptime = cleaned.get("EXPTIME")
     if isinstance(exptime, int | float) and not isinstance(exptime, bool):
-        fields["exposure_time"] = _finite(float(exptime))
+        fields["exposure_time"] = finite_or_none(float(exptime))
     return fields
 
 

@@ -10,12 +10,10 @@ shape) fails the whole job (``status == "failed"``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,20 +21,16 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from huntsman.models import DetectorConstants
-from huntsman.science.calibration import calibrate
+from huntsman.models import DetectorConstants, Grade, QCStatus
+from huntsman.science.background import SkyBackground, estimate_background
+from huntsman.science.calibration import CalibratedFrame, calibrate, load_master
 from huntsman.science.fitsio import read_raw, write_fits_atomic
 from huntsman.science.paths import UnsafePathError
-from huntsman.science.photometry import (
-    PhotometryParams,
-    PhotometryResult,
-    SkyBackground,
-    estimate_background,
-    measure_photometry,
-)
+from huntsman.science.photometry import PhotometryParams, PhotometryResult, measure_photometry
 from huntsman.science.provenance import Provenance, stamp_header
 from huntsman.science.psf import PSFResult, measure_psf
 from huntsman.science.refcat import CatalogueSpec, load_catalogue
+from huntsman.values import finite_or_none
 from huntsman.workers.guard import describe_exception
 
 __all__ = [
@@ -45,14 +39,8 @@ __all__ = [
     "QCJob",
     "QCOutcome",
     "grade",
-    "load_master_image",
     "qc_frame",
 ]
-
-# Pipeline masters may be one row/column larger than the raw frame (LSST ExposureF: 801x801
-# for an 800x800 raw); a larger mismatch is an error.
-_MAX_CROP_PX = 1
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GradeThresholds:
@@ -94,45 +82,14 @@ class QCOutcome:
     """``status`` done|failed, the ``qc.*`` measurements (plain numbers or None), the reasons
     for missing ones (``failed``: {measurement: reason}), grade and flags."""
 
-    status: str
+    status: str  # a QCStatus (DONE or FAILED); str while services/quality.py passes literals
     error: str | None
     metrics: dict[str, Any]
     failed: dict[str, str]
-    grade: str | None
+    grade: Grade | None
     flags: tuple[str, ...]
     calibrated_filename: str | None
     duration_s: float
-
-
-def _num(value: Any) -> float | None:
-    if value is None:
-        return None
-    v = float(value)
-    return v if math.isfinite(v) else None
-
-
-def load_master_image(path: str | Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A master's image (float32) and bad-pixel mask (bool), cut to the raw ``shape``.
-
-    Reads both the masters written by :mod:`huntsman.science.masters` (image in the primary
-    HDU, ``MASK`` extension: non-zero is bad) and the original pipeline's LSST ``ExposureF``
-    masters (empty primary, image in HDU 1; their ``MASK`` bit planes are not used).
-    """
-    with fits.open(path) as hdul:
-        index = next(
-            (i for i, h in enumerate(hdul) if h.header.get("NAXIS", 0) == 2 and h.data is not None),
-            None,
-        )
-        if index is None:
-            raise ValueError(f"{path}: no 2-D image")
-        image = np.asarray(hdul[index].data, dtype=np.float32)
-        native = index == 0 and "MASK" in hdul
-        mask = np.asarray(hdul["MASK"].data) != 0 if native else np.zeros(image.shape, bool)
-    ny, nx = shape
-    dy, dx = image.shape[0] - ny, image.shape[1] - nx
-    if not (0 <= dy <= _MAX_CROP_PX and 0 <= dx <= _MAX_CROP_PX):
-        raise ValueError(f"{path}: master shape {image.shape} does not fit the raw shape {shape}")
-    return image[:ny, :nx], mask[:ny, :nx]
 
 
 def _wcs_of(header: Mapping[str, Any] | None) -> WCS | None:
@@ -150,7 +107,7 @@ def _scale_of(wcs: WCS | None, nominal: float) -> float:
     return float(np.sqrt(np.prod(proj_plane_pixel_scales(wcs.celestial))) * 3600.0)
 
 
-def grade(metrics: Mapping[str, Any], g: GradeThresholds) -> tuple[str, tuple[str, ...]]:
+def grade(metrics: Mapping[str, Any], g: GradeThresholds) -> tuple[Grade, tuple[str, ...]]:
     """Grade (``good``, ``fair`` or ``bad``) and flags of a frame's measurements.
 
     ``bad``: no PSF, FWHM above ``fwhm_arcsec_bad``, or zeropoint more than
@@ -186,21 +143,22 @@ def grade(metrics: Mapping[str, Any], g: GradeThresholds) -> tuple[str, tuple[st
         fair = True
     if metrics.get("wcs") is False:
         flags.append("no_wcs")
-    return ("bad" if bad else "fair" if fair else "good"), tuple(flags)
+    return (Grade.BAD if bad else Grade.FAIR if fair else Grade.GOOD), tuple(flags)
 
 
 def _psf_metrics(psf: PSFResult, scale: float) -> dict[str, Any]:
-    grid = [[None if v is None else _num(v * scale) for v in row] for row in psf.grid_fwhm_px]
+    grid = [[None if v is None else finite_or_none(v * scale) for v in row]
+            for row in psf.grid_fwhm_px]
     cells = [v for row in grid for v in row if v is not None]
     variation = None
     if len(cells) >= 2 and psf.fwhm_arcsec:
-        variation = _num(100.0 * (max(cells) - min(cells)) / psf.fwhm_arcsec)
+        variation = finite_or_none(100.0 * (max(cells) - min(cells)) / psf.fwhm_arcsec)
     return {
-        "fwhm_px": _num(psf.fwhm_px),
-        "fwhm_arcsec": _num(psf.fwhm_px * scale) if psf.fwhm_px is not None else None,
-        "fwhm_scatter_px": _num(psf.fwhm_scatter_px),
-        "ellipticity": _num(psf.ellipticity),
-        "psf_beta": _num(psf.beta),
+        "fwhm_px": finite_or_none(psf.fwhm_px),
+        "fwhm_arcsec": finite_or_none(psf.fwhm_px * scale) if psf.fwhm_px is not None else None,
+        "fwhm_scatter_px": finite_or_none(psf.fwhm_scatter_px),
+        "ellipticity": finite_or_none(psf.ellipticity),
+        "psf_beta": finite_or_none(psf.beta),
         "n_psf_stars": int(psf.n_stars),
         "fwhm_grid_arcsec": grid,
         "fwhm_variation_pct": variation,
@@ -209,16 +167,16 @@ def _psf_metrics(psf: PSFResult, scale: float) -> dict[str, Any]:
 
 def _phot_metrics(r: PhotometryResult) -> dict[str, Any]:
     return {
-        "sky_adu": _num(r.sky_adu),
-        "sky_rms_adu": _num(r.sky_rms_adu),
-        "sky_mag_arcsec2": _num(r.sky_mag_arcsec2),
-        "zeropoint": _num(r.zeropoint),
-        "zeropoint_err": _num(r.zeropoint_err),
+        "sky_adu": finite_or_none(r.sky_adu),
+        "sky_rms_adu": finite_or_none(r.sky_rms_adu),
+        "sky_mag_arcsec2": finite_or_none(r.sky_mag_arcsec2),
+        "zeropoint": finite_or_none(r.zeropoint),
+        "zeropoint_err": finite_or_none(r.zeropoint_err),
         "n_zeropoint_stars": int(r.n_zeropoint_stars),
-        "limiting_mag_5sigma": _num(r.limiting_mag_5sigma),
-        "aperture_correction_mag": _num(r.aperture_correction_mag),
-        "astrometric_median_arcsec": _num(r.astrometric_median_arcsec),
-        "astrometric_rms_arcsec": _num(r.astrometric_rms_arcsec),
+        "limiting_mag_5sigma": finite_or_none(r.limiting_mag_5sigma),
+        "aperture_correction_mag": finite_or_none(r.aperture_correction_mag),
+        "astrometric_median_arcsec": finite_or_none(r.astrometric_median_arcsec),
+        "astrometric_rms_arcsec": finite_or_none(r.astrometric_rms_arcsec),
         "n_astrometric_stars": int(r.n_astrometric_stars),
         "n_catalogue_in_field": int(r.n_catalogue_in_field),
     }
@@ -246,7 +204,7 @@ def _write_calibrated(
 
 
 def _failed(reason: str, start: float) -> QCOutcome:
-    return QCOutcome("failed", reason, {}, {}, None, (), None, time.perf_counter() - start)
+    return QCOutcome(QCStatus.FAILED, reason, {}, {}, None, (), None, time.perf_counter() - start)
 
 
 def qc_frame(path: str, job: QCJob) -> QCOutcome:
@@ -261,25 +219,17 @@ def qc_frame(path: str, job: QCJob) -> QCOutcome:
 def _qc(path: str, job: QCJob, start: float) -> QCOutcome:
     try:
         raw, raw_header = read_raw(path)
-        bias, bias_bad = load_master_image(job.bias_path, raw.shape)
-        dark, dark_bad = load_master_image(job.dark_path, raw.shape)
-        flat, flat_bad = load_master_image(job.flat_path, raw.shape)
+        masters = [load_master(p, raw.shape)
+                   for p in (job.bias_path, job.dark_path, job.flat_path)]
     except (OSError, ValueError, TypeError, KeyError) as exc:
         return _failed(f"cannot read frame or masters: {exc}", start)
     if not job.exptime_s > 0:
         return _failed(f"exposure time must be positive, got {job.exptime_s}", start)
-    det = job.detector
-    bad = bias_bad | dark_bad  # in place from here on: frame-sized temporaries are costly
-    bad |= flat_bad
-    flat_ok = np.greater_equal(flat, job.min_flat_value)
-    bad |= np.invert(flat_ok, out=flat_ok)  # below min_flat_value or NaN
-    del bias_bad, dark_bad, flat_bad, flat_ok
-    cal = calibrate(raw, job.exptime_s, bias, dark, flat, saturation_adu=det.saturation_adu,
-                    bad_mask=bad)
-    del raw, bias, dark, flat
+    cal = _calibrated(raw, masters, job)
+    del raw, masters
     failed: dict[str, str] = {}
     wcs = _wcs_of(job.wcs_header)
-    scale = _scale_of(wcs, det.pixel_scale_arcsec)
+    scale = _scale_of(wcs, job.detector.pixel_scale_arcsec)
     metrics: dict[str, Any] = {"pixel_scale_arcsec": scale, "wcs": wcs is not None,
                                "masked_fraction": float(np.mean(cal.mask))}
     if wcs is None:
@@ -288,10 +238,46 @@ def _qc(path: str, job: QCJob, start: float) -> QCOutcome:
     # One background (sep.Background over the unmasked pixels) for both PSF and photometry.
     background: SkyBackground | None
     try:
-        background = estimate_background(cal.data, cal.mask, job.photometry)
+        background = estimate_background(cal.data, cal.mask)
     except Exception:  # each measurement then estimates it, and reports a failure, by itself
         background = None
+    _measure_psf(cal, job, scale, background, metrics, failed)
+    _measure_photometry(cal, job, wcs, scale, background, metrics, failed)
 
+    calibrated = None
+    if job.out_path is not None:
+        try:
+            calibrated = _write_calibrated(job.out_path, cal.data, cal.mask, raw_header, wcs,
+                                           path, job)
+        except (OSError, UnsafePathError) as exc:
+            failed["calibrated_file"] = f"cannot write {job.out_path}: {exc}"
+    letter, flags = grade(metrics, job.grades)
+    error = "; ".join(f"{k}: {v}" for k, v in failed.items()) or None
+    return QCOutcome(QCStatus.DONE, error, metrics, failed, letter, flags, calibrated,
+                     time.perf_counter() - start)
+
+
+def _calibrated(
+    raw: np.ndarray, masters: list[tuple[np.ndarray, np.ndarray]], job: QCJob
+) -> CalibratedFrame:
+    """The calibrated frame, its mask the union of the masters' and the low/NaN flat pixels."""
+    (bias, bias_bad), (dark, dark_bad), (flat, flat_bad) = masters
+    masters.clear()  # the caller's list is ours: the masks below are freed as they are used
+    bad = bias_bad | dark_bad  # in place from here on: frame-sized temporaries are costly
+    bad |= flat_bad
+    flat_ok = np.greater_equal(flat, job.min_flat_value)
+    bad |= np.invert(flat_ok, out=flat_ok)  # below min_flat_value or NaN
+    del bias_bad, dark_bad, flat_bad, flat_ok
+    return calibrate(raw, job.exptime_s, bias, dark, flat,
+                     saturation_adu=job.detector.saturation_adu, bad_mask=bad)
+
+
+def _measure_psf(
+    cal: CalibratedFrame, job: QCJob, scale: float, background: SkyBackground | None,
+    metrics: dict[str, Any], failed: dict[str, str],
+) -> None:
+    """PSF metrics into ``metrics`` (its reason into ``failed``); one failure keeps the others."""
+    det = job.detector
     try:
         # Unmasked data: saturated stars must keep their high peaks to be rejected as such.
         psf = measure_psf(
@@ -308,6 +294,12 @@ def _qc(path: str, job: QCJob, start: float) -> QCOutcome:
         metrics.update({"fwhm_px": None, "fwhm_arcsec": None, "n_psf_stars": 0})
         failed["psf"] = f"{type(exc).__name__}: {exc}"
 
+
+def _measure_photometry(
+    cal: CalibratedFrame, job: QCJob, wcs: WCS | None, scale: float,
+    background: SkyBackground | None, metrics: dict[str, Any], failed: dict[str, str],
+) -> None:
+    """Sky, zeropoint and depth into ``metrics`` (reasons into ``failed``)."""
     catalogue = None
     if job.refcat_path is None:
         failed["zeropoint"] = "no reference catalogue configured (qc.refcat_path)"
@@ -316,6 +308,7 @@ def _qc(path: str, job: QCJob, start: float) -> QCOutcome:
             catalogue = load_catalogue(job.refcat_path, job.catalogue)
         except (OSError, ValueError) as exc:
             failed["zeropoint"] = f"reference catalogue: {exc}"
+    det = job.detector
     try:
         phot = measure_photometry(
             cal.data, cal.mask, exptime_s=job.exptime_s, wcs=wcs, catalogue=catalogue,
@@ -331,15 +324,3 @@ def _qc(path: str, job: QCJob, start: float) -> QCOutcome:
             failed["zeropoint"] = reason
     except Exception as exc:
         failed["photometry"] = f"{type(exc).__name__}: {exc}"
-
-    calibrated = None
-    if job.out_path is not None:
-        try:
-            calibrated = _write_calibrated(job.out_path, cal.data, cal.mask, raw_header, wcs,
-                                           path, job)
-        except (OSError, UnsafePathError) as exc:
-            failed["calibrated_file"] = f"cannot write {job.out_path}: {exc}"
-    letter, flags = grade(metrics, job.grades)
-    error = "; ".join(f"{k}: {v}" for k, v in failed.items()) or None
-    return QCOutcome("done", error, metrics, failed, letter, flags, calibrated,
-                     time.perf_counter() - start)

@@ -1,4 +1,11 @@
-"""The plate-solving job run in pool workers: read, extract sources, solve, write the WCS back."""
+"""The plate-solving job run in pool workers: read, extract sources, solve, write the WCS back.
+
+The frame is read and its sources detected again here rather than reused from ingestion:
+ingestion runs in another pool job, possibly minutes earlier, and sends back only small
+records (no arrays cross processes, and the exposure document keeps the source *count*, not
+a source list).  Both detections use :mod:`huntsman.science.background` (one mesh policy);
+the solver's list is deblended more finely and keeps the brightest ``4 × max_sources``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from huntsman.models import WcsStatus
 from huntsman.science.astrometry import (
     SolveParams,
     SolveResult,
@@ -19,6 +27,7 @@ from huntsman.science.astrometry import (
     solve_field,
 )
 from huntsman.science.frames import FrameError, read_frame
+from huntsman.science.site import SITE
 from huntsman.science.wcs_writer import WcsWriteRefused, solution_hash, write_wcs_into_raw
 from huntsman.workers.guard import describe_exception
 
@@ -34,7 +43,6 @@ class SolveJob:
     hint_ra_deg: float | None
     hint_dec_deg: float | None
     date_obs: dt.datetime | None
-    site: tuple[float, float, float] = (-31.27, 149.07, 1165.0)
     raw_root: str | None = None  # the write-back never writes outside it (None: never writes)
 
 
@@ -54,7 +62,7 @@ class SolveOutcome:
 
 
 def _failed(reason: str, start: float) -> SolveOutcome:
-    result = SolveResult(status="failed", error=reason)
+    result = SolveResult(status=WcsStatus.FAILED, error=reason)
     return SolveOutcome(result, None, False, {}, None, None, reason, time.perf_counter() - start)
 
 
@@ -88,20 +96,17 @@ def _solve(path: str, job: SolveJob, start: float) -> SolveOutcome:
             params=job.params,
             workdir=workdir,
         )
-    if result.status != "solved":
+    if result.status != WcsStatus.SOLVED:
         return SolveOutcome(
             result, None, False, {}, None, None, result.error, time.perf_counter() - start
         )
     pointing: dict[str, Any] = {}
     if job.date_obs is not None:
-        lat, lon, height = job.site
         metrics = pointing_metrics(
             result.header,
             data.shape,
             job.date_obs,
-            site_lat_deg=lat,
-            site_lon_deg=lon,
-            site_height_m=height,
+            site=SITE,
             mount_ra_deg=job.hint_ra_deg,
             mount_dec_deg=job.hint_dec_deg,
         )

@@ -7,9 +7,10 @@ import datetime as dt
 import os
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
 import pytest
-from astropy.coordinates import SkyCoord
+from astropy.coordinates import EarthLocation, SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.utils import iers
@@ -111,7 +112,7 @@ def test_synthetic_frames_solve_within_one_arcsec(
     )
     result = solve_field(
         case.shape, sources, hint_ra_deg=hint[0], hint_dec_deg=hint[1],
-        params=SolveParams(timeout_s=60.0), workdir=tmp_path,
+        params=SolveParams(pixel_scale_arcsec=SCALE, timeout_s=60.0), workdir=tmp_path,
     )
     assert result.status == "solved", result.error
     solved = WCS(fits.Header(result.header))
@@ -147,7 +148,7 @@ def test_downsampled_positions_still_solve(
     true_wcs, data = rendered[case.name]
     result = solve_field(
         case.shape, extract_sources(data), hint_ra_deg=case.ra, hint_dec_deg=case.dec,
-        params=SolveParams(downsample=2), workdir=tmp_path,
+        params=SolveParams(pixel_scale_arcsec=SCALE, downsample=2), workdir=tmp_path,
     )
     assert result.status == "solved", result.error
     rms, _ = wcs_rms_arcsec(true_wcs, WCS(fits.Header(result.header)), case.shape)
@@ -181,7 +182,7 @@ def test_science_frame_solves_with_index_built_from_refcat(
     original = WCS(header)
     stripped = strip_wcs(header)
     assert not WCS(stripped).has_celestial
-    params = SolveParams(index_dirs=(str(refcat_index[0].parent),), timeout_s=60.0)
+    params = SolveParams(pixel_scale_arcsec=SCALE, index_dirs=(str(refcat_index[0].parent),), timeout_s=60.0)
     result = solve_field(
         data.shape, extract_sources(data), hint_ra_deg=float(stripped["RA-MNT"]),
         hint_dec_deg=float(stripped["DEC-MNT"]), params=params, workdir=tmp_path,
@@ -219,7 +220,7 @@ def _noise_sources(
 
 
 def test_pure_noise_fails_with_clear_reason(tmp_path: Path) -> None:
-    params = SolveParams(cpu_limit_s=1.0, timeout_s=40.0, max_sources=60)
+    params = SolveParams(pixel_scale_arcsec=SCALE, cpu_limit_s=1.0, timeout_s=40.0, max_sources=60)
     result = solve_field(
         FULL, _noise_sources(FULL, 60), hint_ra_deg=65.0, hint_dec_deg=-55.0, params=params,
         workdir=tmp_path,
@@ -237,7 +238,7 @@ def test_wrong_hint_falls_back_to_blind(
 ) -> None:
     case = CASES[2]
     true_wcs, data = rendered[case.name]
-    params = SolveParams(search_radius_deg=2.0, cpu_limit_s=2.0, max_sources=50)
+    params = SolveParams(pixel_scale_arcsec=SCALE, search_radius_deg=2.0, cpu_limit_s=2.0, max_sources=50)
     result = solve_field(
         case.shape, extract_sources(data), hint_ra_deg=case.ra + 15.0, hint_dec_deg=case.dec,
         params=params, workdir=tmp_path,
@@ -267,7 +268,7 @@ def test_wrong_scale_fails(rendered: dict[str, tuple[WCS, np.ndarray]], tmp_path
 def test_wall_time_limit_kills_the_solver(tmp_path: Path) -> None:
     # A blind search of noise over every index with a generous CPU limit: only the wall-time
     # limit can stop it.
-    params = SolveParams(cpu_limit_s=120.0, timeout_s=2.0, scale_tolerance=0.5)
+    params = SolveParams(pixel_scale_arcsec=SCALE, cpu_limit_s=120.0, timeout_s=2.0, scale_tolerance=0.5)
     result = solve_field(FULL, _noise_sources(FULL, 1000), params=params, workdir=tmp_path)
     assert result.status == "failed"
     assert result.error is not None and result.error.startswith("timeout")
@@ -282,7 +283,7 @@ def test_missing_tools_or_indexes_are_reported(
     ok, reason = available([empty])
     assert not ok and "no astrometry.net index files" in reason
     result = solve_field(
-        FULL, _noise_sources(FULL), params=SolveParams(index_dirs=(str(empty),)),
+        FULL, _noise_sources(FULL), params=SolveParams(pixel_scale_arcsec=SCALE, index_dirs=(str(empty),)),
         workdir=tmp_path,
     )
     assert result.status == "failed" and result.error == reason
@@ -293,7 +294,8 @@ def test_missing_tools_or_indexes_are_reported(
 
 
 def test_too_few_sources(tmp_path: Path) -> None:
-    result = solve_field(FULL, (np.ones(3), np.ones(3), np.ones(3)), workdir=tmp_path)
+    result = solve_field(FULL, (np.ones(3), np.ones(3), np.ones(3)),
+                         params=SolveParams(pixel_scale_arcsec=SCALE), workdir=tmp_path)
     assert result == SolveResult(status="failed", error="too few sources to solve (3 < 4)")
 
 
@@ -316,8 +318,10 @@ def test_pointing_metrics_match_header_values() -> None:
     wcs_header = dict(WCS(header).to_header(relax=True))
     when = dt.datetime(2021, 1, 18, 11, 26, 32, 228000, tzinfo=dt.UTC)
     m = pointing_metrics(
-        wcs_header, (800, 800), when, site_lat_deg=header["LAT-OBS"],
-        site_lon_deg=header["LONG-OBS"], site_height_m=header["ELEV-OBS"],
+        wcs_header, (800, 800), when,
+        site=EarthLocation.from_geodetic(lon=header["LONG-OBS"] * u.deg,
+                                         lat=header["LAT-OBS"] * u.deg,
+                                         height=header["ELEV-OBS"] * u.m),
         mount_ra_deg=header["RA-MNT"], mount_dec_deg=header["DEC-MNT"],
     )
     assert 1.0 / np.sin(np.deg2rad(m.alt_deg)) == pytest.approx(header["AIRMASS"], abs=0.01)

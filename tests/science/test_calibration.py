@@ -46,9 +46,9 @@ def test_calibrate_recovers_sky_and_masks() -> None:
 def test_calibrate_rejects_mismatched_shapes() -> None:
     raw, bias, dark, flat = _inputs()
     with pytest.raises(ValueError, match="flat"):
-        calibrate(raw, 1.0, bias, dark, flat[:, :-1])
+        calibrate(raw, 1.0, bias, dark, flat[:, :-1], saturation_adu=4094)
     with pytest.raises(ValueError, match="exposure"):
-        calibrate(raw, -1.0, bias, dark, flat)
+        calibrate(raw, -1.0, bias, dark, flat, saturation_adu=4094)
 
 
 def test_load_master_and_read_raw(tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from huntsman.models import DetectorConstants
 from huntsman.science import synthetic as syn
 from huntsman.science.metrics import MetricParams, compute_metrics, metric_names
 from huntsman.science.psf import true_image_fwhm
 
 RAW = Path(__file__).parent.parent / "data" / "huntsman-drp" / "raw"
 CAM = syn.CameraModel()
+DET = DetectorConstants()  # the camera of the sample frames
 
 
 def _raw(name: str) -> tuple[np.ndarray, fits.Header]:
@@ -49,7 +51,7 @@ def science() -> tuple[np.ndarray, float, syn.MoffatPSF]:
 def test_synthetic_science_frame(science: tuple[np.ndarray, float, syn.MoffatPSF]) -> None:
     img, truth_level, psf = science
     before = img.copy()
-    res = compute_metrics(img, "science", params=MetricParams(exptime_s=300.0))
+    res = compute_metrics(img, "science", params=MetricParams(DET, exptime_s=300.0))
     assert np.array_equal(img, before)
     d = res.to_dict()
     _assert_plain(d)
@@ -78,7 +80,7 @@ def test_trailed_stars_raise_elongation_and_coherence() -> None:
     )
     trailed = syn.MoffatPSF(6.0, beta=3.0, axis_ratio=0.4, theta_deg=20.0)
     img = syn.render_frame(shape, exptime_s=300, sky_adu=300, stars=stars, psf=trailed, seed=8)
-    d = compute_metrics(img, "science", params=MetricParams(exptime_s=300.0)).to_dict()
+    d = compute_metrics(img, "science", params=MetricParams(DET, exptime_s=300.0)).to_dict()
     assert d["elongation_trail"] > 1.8
     assert d["trail_coherence"] > 0.8
     assert d["ellipticity"] == pytest.approx(0.6, abs=0.03)
@@ -96,7 +98,7 @@ def test_dark_hot_pixels_and_cosmic_rays() -> None:
     )
     cold = img.copy()
     cold[5, 7] = 0
-    d = compute_metrics(cold, "dark", params=MetricParams(exptime_s=300.0)).to_dict()
+    d = compute_metrics(cold, "dark", params=MetricParams(DET, exptime_s=300.0)).to_dict()
     _assert_plain(d)
     assert d["failed"] == {}
     assert d["n_hot_pixels"] == n_hot
@@ -116,7 +118,7 @@ def test_flat_gradient_and_illumination() -> None:
     x = np.linspace(0.0, 1.0, shape[1])
     flat = np.broadcast_to(0.95 + 0.10 * x, shape)  # 10% left-right gradient
     img = syn.render_frame(shape, exptime_s=10, sky_adu=2000, flat=np.asarray(flat), seed=9)
-    d = compute_metrics(img, "flat", params=MetricParams(exptime_s=10.0)).to_dict()
+    d = compute_metrics(img, "flat", params=MetricParams(DET, exptime_s=10.0)).to_dict()
     _assert_plain(d)
     assert d["illumination_level"] == pytest.approx(float(np.median(img)), abs=1.0)
     assert d["illumination_fraction"] == pytest.approx(d["illumination_level"] / 4094)
@@ -131,7 +133,7 @@ def test_flat_gradient_and_illumination() -> None:
 
 def test_real_bias() -> None:
     data, _ = _raw("bias_0")
-    d = compute_metrics(data, "bias", params=MetricParams(exptime_s=None)).to_dict()
+    d = compute_metrics(data, "bias", params=MetricParams(DET, exptime_s=None)).to_dict()
     _assert_plain(d)
     assert d["failed"] == {}
     assert d["clipped_median"] == 32.0 and d["background"] == 32.0
@@ -145,7 +147,7 @@ def test_real_bias() -> None:
 def test_real_dark() -> None:
     data, header = _raw("dark_0")
     exptime = float(header["EXPTIME"])
-    d = compute_metrics(data, "dark", params=MetricParams(exptime_s=exptime)).to_dict()
+    d = compute_metrics(data, "dark", params=MetricParams(DET, exptime_s=exptime)).to_dict()
     _assert_plain(d)
     assert d["failed"] == {}
     median = float(np.median(data))
@@ -162,7 +164,7 @@ def test_real_dark() -> None:
 
 def test_real_flat() -> None:
     data, header = _raw("flat_0")
-    d = compute_metrics(data, "flat", params=MetricParams(exptime_s=float(header["EXPTIME"])))
+    d = compute_metrics(data, "flat", params=MetricParams(DET, exptime_s=float(header["EXPTIME"])))
     v = d.to_dict()
     _assert_plain(v)
     assert v["illumination_level"] == float(np.median(data))
@@ -180,7 +182,7 @@ def test_real_flat() -> None:
 def test_real_science() -> None:
     data, header = _raw("science_0")
     d = compute_metrics(
-        data, "science", params=MetricParams(exptime_s=float(header["EXPTIME"]))
+        data, "science", params=MetricParams(DET, exptime_s=float(header["EXPTIME"]))
     ).to_dict()
     _assert_plain(d)
     assert d["failed"] == {}
@@ -196,28 +198,29 @@ def test_real_science() -> None:
 
 def test_one_failing_metric_does_not_lose_the_others() -> None:
     # All-NaN float frame: nothing pixel-based can be computed, but every key is present.
-    nan = compute_metrics(np.full((200, 300), np.nan), "science")
+    nan = compute_metrics(np.full((200, 300), np.nan), "science", params=MetricParams(DET))
     assert set(nan.values) == set(metric_names("science"))
     assert all(v is None for v in nan.values.values())
     assert set(nan.failed) == set(metric_names("science"))
     # Constant science frame: statistics fine, PSF and trail metrics fail with reasons.
-    const = compute_metrics(np.full((400, 400), 500, dtype=np.uint16), "science")
+    const = compute_metrics(np.full((400, 400), 500, dtype=np.uint16), "science",
+                            params=MetricParams(DET))
     assert const.values["clipped_median"] == 500.0
     assert const.values["n_hot_pixels"] == 0
     assert "fwhm_px" in const.failed and const.values["fwhm_px"] is None
     assert "clipped_median" not in const.failed
     # Dark without an exposure time: only the time-dependent metrics fail.
     data, _ = _raw("dark_0")
-    dark = compute_metrics(data, "dark", params=MetricParams(exptime_s=None))
+    dark = compute_metrics(data, "dark", params=MetricParams(DET, exptime_s=None))
     assert set(dark.failed) == {"level_offset_adu", "noise_ratio", "dark_current_adu_s"}
     assert dark.values["clipped_median"] is not None
 
 
 def test_unknown_type_and_bad_shape_raise() -> None:
     with pytest.raises(ValueError, match="observation_type"):
-        compute_metrics(np.zeros((10, 10)), "twilight")
+        compute_metrics(np.zeros((10, 10)), "twilight", params=MetricParams(DET))
     with pytest.raises(ValueError, match="2-D"):
-        compute_metrics(np.zeros(10), "bias")
+        compute_metrics(np.zeros(10), "bias", params=MetricParams(DET))
 
 
 def test_full_frame_cpu_budget() -> None:
@@ -231,7 +234,7 @@ def test_full_frame_cpu_budget() -> None:
         syn.FULL_SHAPE, exptime_s=300, sky_adu=300, stars=stars,
         psf=syn.MoffatPSF(2.2, 3.0), seed=1,
     )
-    params = MetricParams(exptime_s=300.0)
+    params = MetricParams(DET, exptime_s=300.0)
     compute_metrics(img[:500, :500], "science", params=params)  # warm-up (lazy imports)
     t0 = time.process_time()
     res = compute_metrics(img, "science", params=params)

@@ -10,12 +10,16 @@ import pytest
 from astropy.io import fits
 from scipy.optimize import brentq
 
+from huntsman.models import DetectorConstants
 from huntsman.science import synthetic as syn
 from huntsman.science.psf import image_fwhm, measure_psf, true_image_fwhm
 from huntsman.science.psfex_runner import run_psfex
 
 RAW = Path(__file__).parent.parent / "data" / "huntsman-drp" / "raw"
 SCALE = 1.24
+DET = DetectorConstants()
+# The camera of the synthetic frames (measure_psf has no camera default).
+CAMERA = {"saturation_adu": DET.saturation_adu, "gain_e_per_adu": DET.gain_e_per_adu}
 
 # (FWHM arcsec, beta, axis ratio, theta deg, sky ADU in 300 s): spans 2-4.5", beta 2.5-4.5.
 CASES = [
@@ -47,7 +51,7 @@ def measured() -> list[tuple[float, float, float, float]]:
     out = []
     for seed, case in enumerate(CASES):
         img, psf = _frame(case, seed)
-        res = measure_psf(img, pixel_scale_arcsec=SCALE)
+        res = measure_psf(img, pixel_scale_arcsec=SCALE, **CAMERA)
         assert res.fwhm_px is not None and res.ellipticity is not None, res.error
         true = true_image_fwhm(psf.fwhm_px, psf.beta, psf.axis_ratio, psf.theta_deg)
         out.append((res.fwhm_px, true, res.ellipticity, 1.0 - psf.axis_ratio))
@@ -74,7 +78,7 @@ def test_fwhm_error_distribution_over_frames(
 
 def test_result_fields_consistent() -> None:
     img, psf = _frame(CASES[2], 11)
-    res = measure_psf(img, pixel_scale_arcsec=SCALE)
+    res = measure_psf(img, pixel_scale_arcsec=SCALE, **CAMERA)
     assert res.error is None
     assert res.fwhm_px is not None and res.fwhm_arcsec is not None
     assert res.fwhm_arcsec == pytest.approx(res.fwhm_px * SCALE)
@@ -95,7 +99,7 @@ def test_grid_cells_without_stars_are_none() -> None:
     img = syn.render_frame(
         shape, exptime_s=300, sky_adu=300, stars=stars, psf=syn.MoffatPSF(2.5, 3.0), seed=3
     )
-    res = measure_psf(img)
+    res = measure_psf(img, **CAMERA)
     assert res.n_stars > 10
     for row in res.grid_fwhm_px:
         assert row[0] is not None
@@ -137,7 +141,7 @@ def test_nothing_measurable_returns_error_not_nan() -> None:
         np.random.default_rng(0).normal(100, 5, (300, 300)),
         np.zeros((0, 0)),
     ):
-        res = measure_psf(data)
+        res = measure_psf(data, **CAMERA)
         assert res.n_stars == 0
         assert res.error
         assert res.fwhm_px is None and res.ellipticity is None
@@ -154,18 +158,18 @@ def test_saturated_stars_rejected_and_input_not_mutated() -> None:
     )
     combined = np.maximum(img, saturated)
     before = combined.copy()
-    res = measure_psf(combined)
+    res = measure_psf(combined, **CAMERA)
     assert np.array_equal(combined, before)
     assert res.fwhm_px is not None
     # The lone saturated star (peak 4094) is never among the fitted candidates.
-    res_only = measure_psf(saturated)
+    res_only = measure_psf(saturated, **CAMERA)
     assert res_only.n_stars == 0 and res_only.error is not None
 
 
 def test_real_science_frame_agrees_with_psfex() -> None:
     path = RAW / "science_0.fits"
     data = fits.getdata(path)
-    res = measure_psf(data, pixel_scale_arcsec=SCALE)
+    res = measure_psf(data, pixel_scale_arcsec=SCALE, **CAMERA)
     assert res.fwhm_px is not None and res.fwhm_arcsec is not None, res.error
     # Measured: 2.66 px = 3.30" from ~47 stars; PSFEx on the same raw frame: 2.58 px.
     assert 2.0 < res.fwhm_px < 3.5

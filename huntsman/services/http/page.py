@@ -15,7 +15,6 @@ from typing import Any
 
 from huntsman import __version__
 from huntsman.models import utcnow
-from huntsman.report.data import get_path
 from huntsman.report.html import CSS, fmt
 from huntsman.report.html import table as _table
 from huntsman.services.http.health import Health
@@ -23,6 +22,7 @@ from huntsman.services.http.metrics import queue_depths
 from huntsman.services.http.reports import latest_report
 from huntsman.store import views
 from huntsman.store.exposures import ExposureCollection
+from huntsman.values import get_path
 from huntsman.workers.pool import ComputePool
 
 __all__ = ["StatusPage"]
