@@ -84,26 +84,37 @@ async def ingest(config: Config, args: argparse.Namespace) -> int:
             concurrency=config.pool.max_in_flight,
         )
         tty = sys.stderr.isatty()
-        done = 0
+        submitted = 0
+
+        def show() -> None:
+            if tty:
+                done = submitted - len(ingestor.stage.pending())
+                print(f"\ringesting {done}/{len(files)}", end="", file=sys.stderr)
+
+        # Each file is bounded by its job's timeout and its document write's retry deadline.
+        rounds = -(-len(files) // ingestor.stage.concurrency)
+        budget_s = rounds * (config.pool.job_timeout_s + ingestor.write_retry_s) + 60.0
+        finished = False
         try:
-            async with asyncio.TaskGroup() as group:
-                consumer = group.create_task(ingestor.run(), name="ingestor")
-                for path in files:
-                    await ingestor.submit(IngestRequest(path, utcnow(), FileSource.CLI, args.force))
-                    if tty:
-                        done = len(files) - ingestor.queue.qsize() - pool.in_flight
-                        print(f"\ringesting {done}/{len(files)}", end="", file=sys.stderr)
-                while not ingestor.idle():
-                    await asyncio.sleep(0.2)
-                    if tty:
-                        done = len(files) - len(ingestor._pending)
-                        print(f"\ringesting {done}/{len(files)}", end="", file=sys.stderr)
-                consumer.cancel()
+            async with ingestor.stage.running():
+                async with asyncio.timeout(budget_s):  # submitting waits while the queue is full
+                    for path in files:
+                        await ingestor.submit(IngestRequest(path, utcnow(), FileSource.CLI, args.force))
+                        submitted += 1
+                        show()
+                    while not await ingestor.join(timeout_s=0.5 if tty else budget_s):
+                        show()
+                    finished = True
+        except TimeoutError:
+            pass
         finally:
             await pool.shutdown(1.0)
     counts = ingestor.counts
     if tty:
         print(file=sys.stderr)
+    if not finished:
+        print(f"huntsman: ingestion did not finish within {budget_s:.0f} s", file=sys.stderr)
+        return 1
     print(
         f"{len(files)} files: {counts['ok']} ok, {counts['failed']} failed, "
         f"{counts['quarantined']} quarantined, {counts['skipped']} already ingested"
