@@ -128,7 +128,7 @@ class Application:
             config.paths.raw_dir, self.ingestor.submit, config.watcher, log, tracker=self.ingestor
         )
         self.calib = make_calib_service(config, database, self.background, log)
-        self.ingestor.listeners.append(self.calib.notify)
+        self.ingestor.add_listener(self.calib.notify)
         self.solver = PlateSolver(
             database.exposures,
             self.background,
@@ -138,7 +138,7 @@ class Application:
             extra_index_dir=config.paths.astrometry_dir,
             log=log,
         )
-        self.ingestor.listeners.append(self.solver.on_ingested)
+        self.ingestor.add_listener(self.solver.on_ingested)
         self.quality = make_quality_monitor(config, database, self.background, log)
         if config.qc.enabled:
             self.calib.on_master_built.append(self.quality.on_master_built)

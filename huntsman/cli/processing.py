@@ -94,20 +94,31 @@ async def ingest(config: Config, args: argparse.Namespace) -> int:
             concurrency=config.pool.max_in_flight,
         )
         bar = Progress(len(files), "ingest")
+        # Each file is bounded by its job's timeout and its document write's retry deadline.
+        rounds = -(-len(files) // ingestor.stage.concurrency)
+        budget_s = rounds * (config.pool.job_timeout_s + ingestor.write_retry_s) + 60.0
+        submitted = 0
+        finished = False
         try:
-            async with asyncio.TaskGroup() as group:
-                consumer = group.create_task(ingestor.run(), name="ingestor")
-                for path in files:
-                    await ingestor.submit(IngestRequest(path, utcnow(), FileSource.CLI))
-                    bar.update(len(files) - ingestor.queue.qsize() - pool.in_flight)
-                while not ingestor.idle():
-                    await asyncio.sleep(0.2)
-                    bar.update(len(files) - len(ingestor._pending))
-                consumer.cancel()
+            async with ingestor.stage.running():
+                async with asyncio.timeout(budget_s):  # submitting waits while the queue is full
+                    for path in files:
+                        await ingestor.submit(IngestRequest(path, utcnow(), FileSource.CLI))
+                        submitted += 1
+                        bar.update(submitted - len(ingestor.stage.pending()))
+                    while not await ingestor.join(timeout_s=0.5 if bar.enabled else budget_s):
+                        bar.update(submitted - len(ingestor.stage.pending()))
+                    bar.update(submitted)
+                    finished = True
+        except TimeoutError:
+            pass
         finally:
             bar.close()
             await pool.shutdown(1.0)
     counts = ingestor.counts
+    if not finished:
+        print(f"huntsman: ingestion did not finish within {budget_s:.0f} s", file=sys.stderr)
+        return EXIT_FAILURE
     print(
         f"{len(files)} files: {counts['ok']} ok, {counts['failed']} failed, "
         f"{counts['quarantined']} quarantined, {counts['skipped']} already ingested"

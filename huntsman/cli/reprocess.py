@@ -26,6 +26,7 @@ from huntsman.cli.selection import STAGE_STATUSES, STAGES, Selection
 from huntsman.config import Config
 from huntsman.logs import Logger, get_logger
 from huntsman.models import FileSource, IngestRequest, utcnow
+from huntsman.services.stage import Stage
 from huntsman.store.database import Database
 from huntsman.store.encoding import bson_safe
 from huntsman.workers.pool import ComputePool
@@ -161,27 +162,41 @@ class Reprocessor:
         concurrency = (
             self.config.astrometry.concurrency if stage == "solve" else self.config.pool.max_in_flight
         )
-        slots = asyncio.Semaphore(concurrency)
         bar = self.progress(len(docs), stage)
 
-        async def one(doc: dict[str, Any]) -> None:
-            async with slots:
-                try:
-                    await push_history(self.database.exposures.collection, doc, stage)
-                    outcome = await handler(doc)
-                    summary.done.append(doc["filename"])
-                    summary.count(outcome)
-                except Exception as exc:  # one bad file never stops the others
-                    self.log.exception("reprocess_failed", stage=stage, filename=doc["filename"])
-                    summary.failed.append((doc["filename"], f"{type(exc).__name__}: {exc}"))
-                bar.advance()
+        async def one(doc: dict[str, Any]) -> bool:
+            try:
+                await push_history(self.database.exposures.collection, doc, stage)
+                outcome = await handler(doc)
+                summary.done.append(doc["filename"])
+                summary.count(outcome)
+            except Exception as exc:  # one bad file never stops the others, and is reported
+                self.log.exception("reprocess_failed", stage=stage, filename=doc["filename"])
+                summary.failed.append((doc["filename"], f"{type(exc).__name__}: {exc}"))
+            bar.advance()
+            return True
 
+        # The queue holds the selection already in memory (so it never waits for room); each
+        # item is bounded by its job's timeout and the document write's retry deadline.
+        work: Stage[str, dict[str, Any], bool] = Stage(
+            f"reprocess_{stage}", one, key=lambda d: d["filename"], queue_size=max(1, len(docs)),
+            concurrency=concurrency, log=self.log, key_field="filename",
+        )
+        job_s = {"solve": self.config.astrometry.timeout_s + 30, "qc": self.config.qc.job_timeout_s}
+        item_s = job_s.get(stage, self.config.pool.job_timeout_s) + self.config.database.write_retry_s
+        budget_s = -(-len(docs) // concurrency) * item_s + 60.0
         try:
-            async with asyncio.TaskGroup() as group:
+            async with work.running():
                 for doc in docs:
-                    group.create_task(one(doc), name=f"reprocess:{doc['filename']}")
+                    work.offer(doc)
+                finished = await work.join(timeout_s=budget_s)
         finally:
             bar.close()
+        if not finished:
+            self.log.error("reprocess_timed_out", stage=stage, budget_s=budget_s)
+            finished_names = {*summary.done, *(name for name, _ in summary.failed)}
+            summary.failed += [(d["filename"], f"not finished within {budget_s:.0f} s")
+                               for d in docs if d["filename"] not in finished_names]
         summary.done.sort()
         self.log.info("reprocess_done", stage=stage, done=len(summary.done), failed=len(summary.failed))
 

@@ -1,8 +1,11 @@
 """FileIngestor: every raw file becomes exactly one exposure document.
 
-Requests arrive on a bounded queue (the watcher waits when it is full: back-pressure; if the
-kernel's inotify queue overflows meanwhile, the watcher rescans, so nothing is lost).  Each
-file is processed in its own ``try``: a bad file is recorded as failed, never stops the loop.
+Requests arrive on the :class:`~huntsman.services.stage.Stage` keyed by path (the watcher
+waits when its queue is full: back-pressure; if the kernel's inotify queue overflows
+meanwhile, the watcher rescans, so nothing is lost).  A file completed again while it is being
+ingested is looked at once more afterwards.  Each file is processed in its own ``try``: a bad
+file is recorded as failed, never stops the loop; a listener's failure never touches the
+recorded document.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -19,21 +23,30 @@ from pymongo.errors import PyMongoError
 
 from huntsman.config import IngestConfig, WatcherConfig
 from huntsman.logs import Logger
-from huntsman.models import FileSource, IngestParams, IngestRequest, IngestResult, utcnow
+from huntsman.models import FileSource, IngestParams, IngestRequest, IngestResult, IngestStatus, utcnow
 from huntsman.science.wcs_writer import read_wcs_marker
 from huntsman.services.disk import DOCUMENTS, DiskMonitor
-from huntsman.services.tasks import raise_if_cancelling
+from huntsman.services.stage import Stage
 from huntsman.store.database import retry_writes
 from huntsman.store.exposures import ExposureCollection, FileIdentity, FileState
 from huntsman.workers.ingest import ingest_file
 from huntsman.workers.pool import ComputePool, JobFailed, JobTimeout, PoolBroken
 
-__all__ = ["FileIngestor"]
+__all__ = ["FileIngestor", "Ingested"]
 
+# Called with (filename, the document's fields) once a file is ingested successfully.
 Listener = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 # Inodes remembered with the names they were ingested under (to catch races between names).
 _RECENT_INODES = 4096
+
+
+class Ingested(NamedTuple):
+    """What ingesting one file came to: the stored status, and the fields the listeners hear
+    (``None`` when the file failed or was quarantined)."""
+
+    status: IngestStatus
+    fields: dict[str, Any] | None
 
 
 class _Stat(NamedTuple):
@@ -82,66 +95,53 @@ class FileIngestor:
         self.params = params
         self.config = config
         self.settle_s = watcher_config.settle_s
-        self.queue: asyncio.Queue[IngestRequest] = asyncio.Queue(maxsize=config.queue_size)
-        self.concurrency = concurrency
         self.write_retry_s = write_retry_s  # the result waits this long for an absent database
         self._log = log.bind(component="ingestor")
-        self._pending: set[str] = set()  # queued or in flight
-        self._in_flight: set[str] = set()
-        self._again: set[str] = set()  # completed again while in flight: look once more
         self._closed: set[str] = set()  # completion event seen while queued from a scan
         self._deferred: set[asyncio.Task[None]] = set()
-        self.listeners: list[Listener] = []
         self._recent_inodes: dict[tuple[int, int], set[str]] = {}  # bounded, oldest first
         self.counts = {"ok": 0, "failed": 0, "quarantined": 0, "skipped": 0,
                        "moved": 0, "linked": 0, "missing": 0}
         self.latencies: list[float] = []
         self.disk: DiskMonitor | None = None  # set by the application: pauses on a full disk
+        self.stage: Stage[str, IngestRequest, Ingested] = Stage(
+            "ingest", self._ingest, key=_path, queue_size=config.queue_size, concurrency=concurrency,
+            log=self._log, counts=self.counts, key_field="filename",
+            # Closed again while in flight: its content may have changed, look once more.
+            again_if=_completed, renew=_completed_now,
+        )
 
     # -- intake -------------------------------------------------------------------------
     async def submit(self, request: IngestRequest) -> None:
-        """Queue a file unless it is already queued or in flight (waits if the queue is full)."""
-        path = request.path
-        if path in self._pending:
-            if request.source is FileSource.EVENT:
-                # Closed while in flight: its content may have changed, look once more.
-                # Closed while queued from a scan: the queued request needs no settling.
-                (self._again if path in self._in_flight else self._closed).add(path)
-            return
-        self._pending.add(path)
-        await self.queue.put(request)
+        """Queue a file unless it is already queued or in hand (waits if the queue is full)."""
+        if request.source is FileSource.EVENT and self.stage.is_queued(request.path):
+            self._closed.add(request.path)  # closed while queued from a scan: needs no settling
+        await self.stage.put(request)
+
+    def add_listener(self, listener: Listener) -> None:
+        """``listener(filename, fields)`` after each successful ingestion (isolated)."""
+
+        @functools.wraps(listener)
+        async def heard(path: str, outcome: Ingested) -> None:
+            if outcome.fields is not None:
+                await listener(path, outcome.fields)
+
+        self.stage.add_listener(heard)
+
+    @property
+    def queue(self) -> asyncio.Queue[IngestRequest]:
+        return self.stage.queue
 
     def idle(self) -> bool:
-        return not self._pending and not self._deferred and self.queue.empty()
+        return self.stage.idle() and not self._deferred
+
+    async def join(self, paths: list[str] | None = None, *, timeout_s: float) -> bool:
+        """Wait until these files (default: all) are ingested; ``False`` on timeout."""
+        return await self.stage.join(paths, timeout_s=timeout_s)
 
     # -- processing ---------------------------------------------------------------------
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            for n in range(self.concurrency):
-                group.create_task(self._consume(), name=f"ingestor-{n}")
-
-    async def _consume(self) -> None:
-        while True:
-            raise_if_cancelling()
-            request = await self.queue.get()
-            self._in_flight.add(request.path)
-            try:
-                await self.process(request)
-            except asyncio.CancelledError:
-                self._log.warning("ingest_abandoned", filename=request.path)
-                raise
-            except Exception:
-                # A bug while handling one file must not stop ingestion of the others.
-                self._log.exception("ingest_crashed", filename=request.path)
-            finally:
-                self._pending.discard(request.path)
-                self._in_flight.discard(request.path)
-                self._closed.discard(request.path)
-                self.queue.task_done()
-            # Not in ``finally``: a cancelled consumer must not wait on a full queue.
-            if request.path in self._again:
-                self._again.discard(request.path)
-                await self.submit(IngestRequest(request.path, utcnow(), FileSource.EVENT))
+        await self.stage.run()
 
     async def _decide(self, request: IngestRequest, state: FileState | None) -> str | None:
         """Why this file must be (re)ingested, or ``None`` to skip it."""
@@ -156,7 +156,7 @@ class FileIngestor:
             await self.exposures.unmark_missing(request.path)
             self._log.info("exposure_back", filename=request.path)
         same = ident is not None and (ident[0], ident[1]) == (state.file_size, state.file_mtime_ns)
-        if state.status == "ok":
+        if state.status == IngestStatus.OK:
             if same and ident is not None and not state.same_inode(ident.identity):
                 # Rewritten under the same size and mtime (a copy tool), or a document from
                 # before inodes were recorded: only the identity moves.
@@ -166,7 +166,7 @@ class FileIngestor:
             if await self._own_wcs_write(request.path, state, ident):
                 return None
             return "changed"
-        if state.status == "failed":
+        if state.status == IngestStatus.FAILED:
             if not same:
                 return "changed"
             if request.source in (FileSource.RECONCILE, FileSource.CLI, FileSource.EVENT):
@@ -253,8 +253,18 @@ class FileIngestor:
         self.counts["skipped"] += 1
         return True
 
-    async def process(self, request: IngestRequest) -> str | None:
-        """Ingest one file; returns the stored status, or ``None`` if skipped."""
+    async def process(self, request: IngestRequest) -> IngestStatus | None:
+        """Ingest one file now; returns the stored status, or ``None`` if skipped."""
+        outcome = await self.stage.process(request)
+        return None if outcome is None else outcome.status
+
+    async def _ingest(self, request: IngestRequest) -> Ingested | None:
+        try:
+            return await self._ingest_file(request)
+        finally:
+            self._closed.discard(request.path)
+
+    async def _ingest_file(self, request: IngestRequest) -> Ingested | None:
         path = request.path
         log = self._log.bind(filename=path, source=str(request.source))
         state = await self.exposures.state(path)
@@ -296,39 +306,37 @@ class FileIngestor:
         latency = (utcnow() - request.seen_at).total_seconds()
         self.latencies = [*self.latencies[-999:], latency]
         fields = result.fields
-        if result.ok:
-            log.info(
-                "exposure_ingested",
-                status=status,
-                reason=reason,
-                observation_type=fields.get("observation_type"),
-                camera=fields.get("camera"),
-                duration_s=round(result.duration_s, 3),
-                latency_s=round(latency, 3),
-            )
-            if self.params.camera_numbers and not fields.get("camera_known", True):
-                log.warning("camera_unknown", camera=fields.get("camera"))
-            for listener in self.listeners:
-                await listener(path, fields)
-        else:
+        if not result.ok:
             log.warning("ingest_failed", status=status, error=result.error, reason=reason)
-        return status
+            return Ingested(status, None)
+        log.info(
+            "exposure_ingested",
+            status=status,
+            reason=reason,
+            observation_type=fields.get("observation_type"),
+            camera=fields.get("camera"),
+            duration_s=round(result.duration_s, 3),
+            latency_s=round(latency, 3),
+        )
+        if self.params.camera_numbers and not fields.get("camera_known", True):
+            log.warning("camera_unknown", camera=fields.get("camera"))
+        return Ingested(status, fields)
 
     async def _record(
         self, result: IngestResult, log: Logger, *, seen_at: dt.datetime, previous: FileState | None,
         same_content: bool,
-    ) -> str:
+    ) -> IngestStatus:
         """Write the document; a write the database refuses while the disk is full waits for
         space and is retried (the file is not failed with the database's message)."""
         while True:
             try:
-                return await retry_writes(
+                return IngestStatus(await retry_writes(
                     lambda: self.exposures.record_ingest(
                         result, seen_at=seen_at, previous=previous, max_tries=self.config.max_tries,
                         same_content=same_content,
                     ),
                     deadline_s=self.write_retry_s, log=log, what="ingest_result",
-                )
+                ))
             except PyMongoError as exc:
                 if self.disk is None:
                     raise
@@ -343,18 +351,13 @@ class FileIngestor:
             await asyncio.sleep(self.settle_s)
             await self.submit(IngestRequest(request.path, request.seen_at, FileSource.SCAN))
 
-        self._pending.discard(request.path)
         task = asyncio.get_running_loop().create_task(later(), name=f"defer:{request.path}")
         self._deferred.add(task)
         task.add_done_callback(self._deferred.discard)
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until the queue is empty and nothing is in flight; ``False`` on timeout."""
-        try:
-            await asyncio.wait_for(self.queue.join(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await self.stage.drain(timeout_s)
 
     # -- files that move or vanish (called by the watcher) --------------------------------
     async def file_moved(self, old: str, new: str) -> bool:
@@ -440,7 +443,20 @@ class FileIngestor:
 
     def abandoned(self) -> list[str]:
         """Paths still queued (for the shutdown log: they are redone at the next start)."""
-        return sorted(self._pending)
+        return sorted(self.stage.pending())
+
+
+def _path(request: IngestRequest) -> str:
+    return request.path
+
+
+def _completed(request: IngestRequest) -> bool:
+    """Only a completed write (not a scan's sighting) of a file in hand is worth a second look."""
+    return request.source is FileSource.EVENT
+
+
+def _completed_now(request: IngestRequest) -> IngestRequest:
+    return IngestRequest(request.path, utcnow(), FileSource.EVENT)
 
 
 def _failure(path: str, error: str, duration_s: float) -> IngestResult:

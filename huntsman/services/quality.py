@@ -15,29 +15,40 @@ needs nothing else:
   ``qc.max_tries``;
 - a master that supersedes one a frame used re-queues that frame.
 
+The queue, its consumers and the sweeps are a :class:`~huntsman.services.stage.Stage`.
 Queue-full policy: the queue is bounded (``qc.queue_size``); a frame that does not fit is
-dropped from the queue and found by the next sweep (its document says what it needs).
+dropped from the queue and found by the next sweep (its document says what it needs).  A frame
+asked for while it is being measured (a master superseded meanwhile) is measured once more
+afterwards, against whatever set is current then.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 from huntsman import __version__
 from huntsman.config import DetectorConfig, PathsConfig, QCConfig
 from huntsman.logs import Logger
-from huntsman.models import DetectorConstants, utcnow
+from huntsman.models import (
+    FINAL_WCS,
+    DetectorConstants,
+    IngestStatus,
+    ObservationType,
+    QCStatus,
+    WcsStatus,
+    utcnow,
+)
 from huntsman.science.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
 from huntsman.science.refcat import CatalogueSpec
 from huntsman.services.disk import QC, DiskMonitor
-from huntsman.services.tasks import raise_if_cancelling
+from huntsman.services.stage import Stage
 from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument
 from huntsman.store.exposures import ExposureCollection, ExposureDocument
 from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
@@ -45,7 +56,6 @@ from huntsman.workers.qc import GradeThresholds, QCJob, QCOutcome, qc_frame
 
 __all__ = ["QualityMonitor", "calibrated_path", "catalogue_spec"]
 
-FINAL_WCS = ("solved", "failed", "skipped")
 _CALIB_FIELDS = tuple(f"qc.calibs.{t}" for t in CALIB_TYPES)
 
 
@@ -83,6 +93,18 @@ def calibrated_path(calibrated_dir: Path, doc: ExposureDocument) -> Path:
     return inside(calibrated_dir / night / camera / f"{stem}_cal.fits", calibrated_dir, resolve=False)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class QCRequest:
+    """A frame to measure, as queued (``force``: even if up to date)."""
+
+    filename: str
+    force: bool = False
+
+
+def _filename(request: QCRequest) -> str:
+    return request.filename
+
+
 class QualityMonitor:
     """Calibrates science frames and records their image-quality numbers (``qc.*``)."""
 
@@ -105,25 +127,23 @@ class QualityMonitor:
         self.detector = DetectorConstants(**detector.model_dump())
         self.spec = catalogue_spec(config)
         self.provenance = Provenance(__version__, config_hash(config))
-        self.queue: asyncio.Queue[tuple[str, bool]] = asyncio.Queue(maxsize=config.queue_size)
-        self._queued: set[str] = set()
-        self._again: set[str] = set()
-        self._busy: set[str] = set()
         self.counts: Counter[str] = Counter()
         self.disk: DiskMonitor | None = None  # set by the application: pauses on a full disk
+        self.stage: Stage[str, QCRequest, QCStatus] = Stage(
+            "qc", self._measure, key=_filename, queue_size=config.queue_size,
+            concurrency=config.concurrency, log=self._log, before=self._writable,
+            sweep=self._needing, sweep_interval_s=config.sweep_interval_s, counts=self.counts,
+            key_field="filename",
+        )
+
+    @property
+    def queue(self) -> asyncio.Queue[QCRequest]:
+        return self.stage.queue
 
     # -- intake -------------------------------------------------------------------------
     def offer(self, filename: str, *, force: bool = False) -> bool:
         """Queue a frame; False if it is already queued or the queue is full (sweeps find it)."""
-        if filename in self._queued:
-            return False
-        try:
-            self.queue.put_nowait((filename, force))
-        except asyncio.QueueFull:
-            self.counts["queue_full"] += 1
-            return False
-        self._queued.add(filename)
-        return True
+        return self.stage.offer(QCRequest(filename, force))
 
     async def on_master_built(self, master: CalibDocument, filenames: list[str]) -> None:
         """CalibService hand-off: frames this master completes, and frames that used a master
@@ -133,7 +153,7 @@ class QualityMonitor:
         old = [d["filename"] async for d in self.calibs.find({"superseded_by": master["filename"]})]
         await self.requeue_superseded(old)
 
-    async def on_wcs_final(self, filename: str, status: str) -> None:
+    async def on_wcs_final(self, filename: str, status: WcsStatus) -> None:
         """PlateSolver listener: the frame's ``wcs.status`` is final (solved/failed/skipped)."""
         if status in FINAL_WCS:
             self.offer(filename)
@@ -141,104 +161,72 @@ class QualityMonitor:
     async def requeue_superseded(self, masters: Iterable[str]) -> int:
         """Queue the frames measured with any of these (superseded) masters."""
         names = sorted(set(masters))
-        if not names:
-            return 0
-        query = {"$or": [{f: {"$in": names}} for f in _CALIB_FIELDS]}
         n = 0
-        async for doc in self.exposures.find(query, projection={"_id": 0, "filename": 1}):
-            n += self.offer(doc["filename"])
+        async for filename in self._measured_with(names):
+            n += self.offer(filename)
         if n:
             self._log.info("qc_requeued_superseded", frames=n, masters=names)
         return n
 
-    async def sweep(self, *, retry_failed: bool = True) -> int:
+    async def _measured_with(self, masters: list[str]) -> AsyncIterator[str]:
+        if not masters:
+            return
+        query = {"$or": [{f: {"$in": masters}} for f in _CALIB_FIELDS]}
+        async for doc in self.exposures.find(query, projection={"_id": 0, "filename": 1}):
+            yield doc["filename"]
+
+    async def sweep(self) -> int:
         """Queue science frames needing QC: never measured, waiting for calibrations, failed
         (fewer than ``max_tries``), or measured with a master since superseded."""
+        return await self.stage.sweep()
+
+    async def _needing(self, startup: bool) -> AsyncIterator[QCRequest]:
+        """What every sweep (start-up or periodic alike) queues."""
         needs: list[dict[str, Any]] = [
             {"qc.status": {"$exists": False}},
-            {"qc.status": "waiting_calibs"},
+            {"qc.status": QCStatus.WAITING_CALIBS},
+            {"qc.status": QCStatus.FAILED, "qc.tries": {"$lt": self.config.max_tries}},
         ]
-        if retry_failed:
-            needs.append({"qc.status": "failed", "qc.tries": {"$lt": self.config.max_tries}})
-        query = {"observation_type": "science", "ingest.status": "ok",
-                 "wcs.status": {"$in": list(FINAL_WCS)}, "$or": needs}
-        n = 0
+        query = {"observation_type": ObservationType.SCIENCE, "ingest.status": IngestStatus.OK,
+                 "wcs.status": {"$in": sorted(FINAL_WCS)}, "$or": needs}
         async for doc in self.exposures.find(query, projection={"_id": 0, "filename": 1}):
-            if self.queue.full():
-                break
-            n += self.offer(doc["filename"])
-        superseded = [d["filename"] async for d in self.calibs.find({"superseded": True})]
-        n += await self.requeue_superseded(superseded)
-        if n:
-            self._log.info("qc_sweep", queued=n)
-        return n
+            yield QCRequest(doc["filename"])
+        superseded = sorted({d["filename"] async for d in self.calibs.find({"superseded": True})})
+        async for filename in self._measured_with(superseded):
+            yield QCRequest(filename)
 
     def state(self) -> dict[str, Any]:
-        return {"queue": self.queue.qsize(), "busy": len(self._busy), "counts": dict(self.counts)}
+        return self.stage.state()
 
     # -- loop -------------------------------------------------------------------------------
     async def run(self) -> None:
         """Start-up sweep, then the periodic sweep and the consumers."""
-        await self.sweep(retry_failed=True)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._periodic_sweep(), name="qc-sweep")
-            for n in range(self.config.concurrency):
-                group.create_task(self._consume(), name=f"qc-{n}")
+        await self.stage.run()
 
-    async def _periodic_sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sweep_interval_s)
-            await self.sweep(retry_failed=True)
-
-    async def _consume(self) -> None:
-        while True:
-            raise_if_cancelling()
-            filename, force = await self.queue.get()
-            self._queued.discard(filename)
-            try:
-                if self.disk is not None:
-                    await self.disk.wait_writable(*QC)  # writes the calibrated frame and the document
-                await self.process(filename, force=force)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # one bad frame never stops the service
-                self._log.exception("qc_crashed", filename=filename)
-            finally:
-                self.queue.task_done()
+    async def _writable(self, request: QCRequest) -> None:
+        if self.disk is not None:
+            await self.disk.wait_writable(*QC)  # writes the calibrated frame and the document
 
     def idle(self) -> bool:
-        return self.queue.empty() and not self._busy
+        return self.stage.idle()
 
     async def drain(self, timeout_s: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.queue.join(), timeout_s)
-            return True
-        return False
+        return await self.stage.drain(timeout_s)
 
     # -- one frame ----------------------------------------------------------------------
-    async def process(self, filename: str, *, force: bool = False) -> str | None:
+    async def process(self, filename: str, *, force: bool = False) -> QCStatus | None:
         """Measure one frame if it needs it (or ``force``); returns the new ``qc.status``, or
         None when nothing was done (not a usable science frame, WCS pending, up to date,
-        failed ``max_tries`` times, or being processed already)."""
-        if filename in self._busy:
-            # Asked again while being measured (a master superseded meanwhile): measure it
-            # once more afterwards, against whatever set is current then.
-            self._again.add(filename)
-            return None
-        self._busy.add(filename)
-        try:
-            return await self._process(filename, force)
-        finally:
-            self._busy.discard(filename)
-            if filename in self._again:
-                self._again.discard(filename)
-                self.offer(filename)
+        failed ``max_tries`` times, or being processed already: then it is measured once
+        more afterwards)."""
+        return await self.stage.process(QCRequest(filename, force))
 
-    async def _process(self, filename: str, force: bool) -> str | None:
+    async def _measure(self, request: QCRequest) -> QCStatus | None:
+        filename, force = request.filename, request.force
         doc = await self.exposures.get(filename)
-        if doc is None or doc.get("observation_type") != "science":
+        if doc is None or doc.get("observation_type") != ObservationType.SCIENCE:
             return None
-        if (doc.get("ingest") or {}).get("status") != "ok":
+        if (doc.get("ingest") or {}).get("status") != IngestStatus.OK:
             return None
         wcs = doc.get("wcs") or {}
         if wcs.get("status") not in FINAL_WCS and not force:
@@ -251,22 +239,23 @@ class QualityMonitor:
         )
         if chosen is None:
             reason = await self._missing_reason(doc)
-            if qc.get("status") != "waiting_calibs" or qc.get("error") != reason:
+            if qc.get("status") != QCStatus.WAITING_CALIBS or qc.get("error") != reason:
                 await self.exposures.set_fields(filename, {"qc": {
-                    "status": "waiting_calibs", "error": reason, "tries": 0, "calibs": None,
+                    "status": QCStatus.WAITING_CALIBS, "error": reason, "tries": 0, "calibs": None,
                     "date_checked": utcnow()}})
                 log.info("qc_waiting_calibs", reason=reason)
-            self.counts["waiting_calibs"] += 1
-            return "waiting_calibs"
+            self.counts[QCStatus.WAITING_CALIBS] += 1
+            return QCStatus.WAITING_CALIBS
         calibs = {k: d["filename"] for k, d in chosen.items()}
         same_inputs = qc.get("calibs") == calibs and qc.get("wcs_status") == wcs.get("status")
         if not force:
-            if qc.get("status") == "done" and same_inputs:
+            if qc.get("status") == QCStatus.DONE and same_inputs:
                 return None
             exhausted = int(qc.get("tries") or 0) >= self.config.max_tries
-            if qc.get("status") == "failed" and same_inputs and exhausted:
+            if qc.get("status") == QCStatus.FAILED and same_inputs and exhausted:
                 return None
-        tries = (int(qc.get("tries") or 0) if same_inputs and qc.get("status") == "failed" else 0) + 1
+        failed_before = same_inputs and qc.get("status") == QCStatus.FAILED
+        tries = (int(qc.get("tries") or 0) if failed_before else 0) + 1
         job = self._job(doc, calibs)
         self.counts["attempts"] += 1
         log.info("qc_started", tries=tries, calibs=calibs)
@@ -276,10 +265,11 @@ class QualityMonitor:
                 qc_frame, filename, job, timeout_s=self.config.job_timeout_s
             )
         except (JobTimeout, PoolBroken) as exc:
-            outcome = QCOutcome("failed", str(exc), {}, {}, None, (), None, time.perf_counter() - start)
-        except Exception as exc:  # a bug in the worker: recorded like any failure
-            outcome = QCOutcome("failed", f"{type(exc).__name__}: {exc}", {}, {}, None, (), None,
+            outcome = QCOutcome(QCStatus.FAILED, str(exc), {}, {}, None, (), None,
                                 time.perf_counter() - start)
+        except Exception as exc:  # a bug in the worker: recorded like any failure
+            outcome = QCOutcome(QCStatus.FAILED, f"{type(exc).__name__}: {exc}", {}, {}, None, (),
+                                None, time.perf_counter() - start)
         now = utcnow()
         record = {
             **outcome.metrics,
@@ -300,26 +290,27 @@ class QualityMonitor:
             "date": now,
         }
         await self.exposures.set_fields(filename, {"qc": record, "timing.qc_done": now})
-        self.counts[outcome.status] += 1
-        event = "qc_done" if outcome.status == "done" else "qc_failed"
-        (log.info if outcome.status == "done" else log.warning)(
-            event, duration_s=round(outcome.duration_s, 3), tries=tries, grade=outcome.grade,
-            fwhm_arcsec=outcome.metrics.get("fwhm_arcsec"), zeropoint=outcome.metrics.get("zeropoint"),
-            error=outcome.error,
+        status = QCStatus(outcome.status)
+        self.counts[status] += 1
+        done = status is QCStatus.DONE
+        (log.info if done else log.warning)(
+            "qc_done" if done else "qc_failed", duration_s=round(outcome.duration_s, 3), tries=tries,
+            grade=outcome.grade, fwhm_arcsec=outcome.metrics.get("fwhm_arcsec"),
+            zeropoint=outcome.metrics.get("zeropoint"), error=outcome.error,
         )
-        return outcome.status
+        return status
 
     async def _missing_reason(self, doc: ExposureDocument) -> str:
         camera, physical_filter = doc.get("camera") or "", doc.get("physical_filter")
         age = self.calibs.max_age_days
         missing = []
         for kind in CALIB_TYPES:
-            if kind == "flat" and physical_filter is None:
+            if kind == ObservationType.FLAT and physical_filter is None:
                 missing.append("flat (frame has no filter)")
                 continue
             found = await self.calibs.match_one(kind, camera, doc["date_obs"], physical_filter)
             if found is None:
-                missing.append(kind if kind != "flat" else f"flat {physical_filter}")
+                missing.append(kind if kind != ObservationType.FLAT else f"flat {physical_filter}")
         return f"waiting for master {', '.join(missing)} of {camera} within {age:g} days"
 
     def _job(self, doc: ExposureDocument, calibs: dict[str, str]) -> QCJob:

@@ -1,28 +1,28 @@
 """PlateSolver: every science frame gets a WCS (or a recorded reason why not).
 
 State lives on the exposure document (``wcs.status``: pending → solved | failed | skipped), so
-nothing depends on this process's memory: frames that did not fit in the bounded queue, or
-were in flight at shutdown, are found again by the start-up and periodic sweeps.  A failed
-frame is retried at start-up until ``astrometry.max_tries``, never in a loop.
+nothing depends on this process's memory: frames that did not fit in the bounded queue of its
+:class:`~huntsman.services.stage.Stage`, or were in flight at shutdown, are found again by the
+start-up and periodic sweeps.  A failed frame is retried at start-up until
+``astrometry.max_tries``, never in a loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from huntsman.config import AstrometryConfig, DetectorConfig
 from huntsman.logs import Logger
-from huntsman.models import utcnow
+from huntsman.models import IngestStatus, ObservationType, WcsStatus, utcnow
 from huntsman.science.astrometry import SolveParams, available
 from huntsman.science.paths import is_inside
 from huntsman.science.wcs_writer import cleanup_temp_files
 from huntsman.services.disk import SOLVER, DiskMonitor
-from huntsman.services.tasks import raise_if_cancelling
+from huntsman.services.stage import Stage
 from huntsman.store.exposures import ExposureCollection
 from huntsman.workers.pool import ComputePool, JobFailed, JobTimeout, PoolBroken
 from huntsman.workers.solve import SolveJob, SolveOutcome, solve_file
@@ -30,7 +30,7 @@ from huntsman.workers.solve import SolveJob, SolveOutcome, solve_file
 __all__ = ["PlateSolver", "WcsListener"]
 
 # Called with (filename, wcs status) once a frame's solved/failed/skipped outcome is recorded.
-WcsListener = Callable[[str, str], Awaitable[None]]
+WcsListener = Callable[[str, WcsStatus], Awaitable[None]]
 
 
 class PlateSolver:
@@ -63,12 +63,24 @@ class PlateSolver:
             max_sources=config.max_sources,
             blind_fallback=config.blind_fallback,
         )
-        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=config.queue_size)
-        self._queued: set[str] = set()
         self.usable, self.unusable_reason = False, "not checked"
         self.counts = {"solved": 0, "failed": 0, "skipped": 0}
-        self.listeners: list[WcsListener] = []
         self.disk: DiskMonitor | None = None  # set by the application: pauses on a full disk
+        self.stage: Stage[str, str, WcsStatus] = Stage(
+            "solve", self._solve, key=str, queue_size=config.queue_size,
+            concurrency=config.concurrency, log=self._log, before=self._writable,
+            sweep=self._waiting, sweep_interval_s=config.sweep_interval_s, counts=self.counts,
+            key_field="filename",
+        )
+
+    @property
+    def queue(self) -> asyncio.Queue[str]:
+        return self.stage.queue
+
+    @property
+    def listeners(self) -> list[WcsListener]:
+        """Awaited with (filename, wcs status) once an outcome is recorded (each isolated)."""
+        return self.stage.listeners
 
     async def check_available(self) -> bool:
         if not self.config.enabled:
@@ -88,42 +100,30 @@ class PlateSolver:
     # -- intake -------------------------------------------------------------------------
     async def on_ingested(self, filename: str, fields: dict[str, Any]) -> None:
         """Ingestor listener: science frames wait for a solution (or are skipped, with why)."""
-        if fields.get("observation_type") != "science":
+        if fields.get("observation_type") != ObservationType.SCIENCE:
             return
         if not self.usable:
             await self.exposures.set_fields(
-                filename, {"wcs": {"status": "skipped", "error": self.unusable_reason}}
+                filename, {"wcs": {"status": WcsStatus.SKIPPED, "error": self.unusable_reason}}
             )
             self.counts["skipped"] += 1
-            await self._notify(filename, "skipped")
+            await self.stage.notify(filename, WcsStatus.SKIPPED)
             return
-        await self.exposures.set_fields(filename, {"wcs": {"status": "pending", "tries": 0}})
-        self._offer(filename)
-
-    def _offer(self, filename: str) -> None:
-        if filename in self._queued:
-            return
-        try:
-            self.queue.put_nowait(filename)
-        except asyncio.QueueFull:
-            return  # left pending on its document: the next sweep finds it
-        self._queued.add(filename)
+        await self.exposures.set_fields(filename, {"wcs": {"status": WcsStatus.PENDING, "tries": 0}})
+        self.stage.offer(filename)  # a full queue leaves it pending on its document: swept later
 
     async def sweep(self, *, retry_failed: bool) -> int:
         """Queue science frames whose solution is pending (and, at start-up, failed ones)."""
-        waiting: list[dict[str, Any]] = [{"wcs": {"$exists": False}}, {"wcs.status": "pending"}]
+        return await self.stage.sweep(startup=retry_failed)
+
+    async def _waiting(self, retry_failed: bool) -> AsyncIterator[str]:
+        waiting: list[dict[str, Any]] = [{"wcs": {"$exists": False}}, {"wcs.status": WcsStatus.PENDING}]
         if retry_failed:
-            waiting.append({"wcs.status": "failed", "wcs.tries": {"$lt": self.config.max_tries}})
-        query = {"observation_type": "science", "ingest.status": "ok", "$or": waiting}
-        n = 0
+            waiting.append({"wcs.status": WcsStatus.FAILED, "wcs.tries": {"$lt": self.config.max_tries}})
+        query = {"observation_type": ObservationType.SCIENCE, "ingest.status": IngestStatus.OK,
+                 "$or": waiting}
         async for doc in self.exposures.find(query, projection={"filename": 1, "_id": 0}):
-            if self.queue.full():
-                break
-            self._offer(doc["filename"])
-            n += 1
-        if n:
-            self._log.info("solve_sweep", queued=n, retry_failed=retry_failed)
-        return n
+            yield doc["filename"]
 
     # -- processing ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -132,40 +132,22 @@ class PlateSolver:
         removed = await asyncio.to_thread(cleanup_temp_files, self.raw_dir)
         if removed:
             self._log.info("wcs_temp_files_removed", files=[str(p) for p in removed])
-        await self.sweep(retry_failed=True)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._periodic_sweep(), name="solver-sweep")
-            for n in range(self.config.concurrency):
-                group.create_task(self._consume(), name=f"solver-{n}")
+        await self.stage.run()  # the start-up sweep retries failed frames, the periodic one not
 
-    async def _periodic_sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sweep_interval_s)
-            await self.sweep(retry_failed=False)
+    async def _writable(self, filename: str) -> None:
+        if self.disk is not None:
+            await self.disk.wait_writable(*SOLVER)  # writes the raw file and the document
 
-    async def _consume(self) -> None:
-        while True:
-            raise_if_cancelling()
-            filename = await self.queue.get()
-            try:
-                if self.disk is not None:
-                    await self.disk.wait_writable(*SOLVER)  # writes the raw file and the document
-                await self.solve(filename)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self._log.exception("solve_crashed", filename=filename)
-            finally:
-                self._queued.discard(filename)
-                self.queue.task_done()
+    async def solve(self, filename: str) -> WcsStatus | None:
+        """Solve one frame now and record the outcome; returns the new ``wcs.status``."""
+        return await self.stage.process(filename)
 
-    async def solve(self, filename: str) -> str | None:
-        """Solve one frame and record the outcome; returns the new ``wcs.status``."""
+    async def _solve(self, filename: str) -> WcsStatus | None:
         doc = await self.exposures.get(filename)
-        if doc is None or doc.get("observation_type") != "science":
+        if doc is None or doc.get("observation_type") != ObservationType.SCIENCE:
             return None
         wcs = doc.get("wcs") or {}
-        if wcs.get("status") == "solved":
+        if wcs.get("status") == WcsStatus.SOLVED:
             return None
         tries = int(wcs.get("tries") or 0) + 1
         # Files ingested from outside the raw root (`ingest --outside-root`) are never written.
@@ -191,7 +173,7 @@ class PlateSolver:
         if outcome is not None and error is None:
             result = outcome.result
             update["wcs"] = {
-                "status": "solved",
+                "status": WcsStatus.SOLVED,
                 "tries": tries,
                 "error": None,
                 "header": result.header,
@@ -214,7 +196,7 @@ class PlateSolver:
             update["pointing"] = outcome.pointing
             if outcome.file_size is not None:
                 update["file"] = {"size": outcome.file_size, "mtime_ns": outcome.file_mtime_ns}
-            status = "solved"
+            status = WcsStatus.SOLVED
             log.info(
                 "frame_solved",
                 duration_s=round(outcome.duration_s, 2),
@@ -224,9 +206,9 @@ class PlateSolver:
                 wrote_wcs=outcome.wrote_wcs,
             )
         else:
-            status = "failed"
+            status = WcsStatus.FAILED
             update["wcs"] = {
-                "status": "failed",
+                "status": status,
                 "tries": tries,
                 "error": error,
                 "solve_time_s": outcome.result.solve_time_s if outcome is not None else None,
@@ -234,21 +216,8 @@ class PlateSolver:
             log.warning("solve_failed", error=error, tries=tries)
         self.counts[status] += 1
         await self.exposures.set_fields(filename, update)
-        await self._notify(filename, status)
-        return status
-
-    async def _notify(self, filename: str, status: str) -> None:
-        for listener in self.listeners:
-            try:
-                await listener(filename, status)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a listener's bug never loses the recorded solution
-                self._log.exception("wcs_listener_failed", filename=filename)
+        return status  # the stage tells the listeners
 
     async def drain(self, timeout_s: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.queue.join(), timeout_s)
-            return True
-        return False
+        return await self.stage.drain(timeout_s)
 
