@@ -23,7 +23,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from huntsman.models import DetectorConstants
+from huntsman.models import DetectorConstants, GradeThresholds
 from huntsman.science.calibration import calibrate
 from huntsman.science.fitsio import read_raw, write_fits_atomic
 from huntsman.science.paths import UnsafePathError
@@ -52,18 +52,6 @@ __all__ = [
 # Pipeline masters may be one row/column larger than the raw frame (LSST ExposureF: 801x801
 # for an 800x800 raw); a larger mismatch is an error.
 _MAX_CROP_PX = 1
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class GradeThresholds:
-    """Limits that turn measurements into a grade and flags (see :func:`grade`)."""
-
-    fwhm_arcsec_good: float = 3.5
-    fwhm_arcsec_bad: float = 5.0
-    zeropoint_drop_mag: float = 0.5
-    nominal_zeropoint: float | None = None
-    sky_mag_min: float = 18.0
-    min_stars: int = 10
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
