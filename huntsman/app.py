@@ -24,7 +24,7 @@ from huntsman import __version__
 from huntsman.config import Config, redact_uri
 from huntsman.lock import EMBEDDED_LOCK, SERVICE_LOCK, LockHeld, PidLock
 from huntsman.logs import get_logger
-from huntsman.models import DetectorConstants, FileSource, IngestParams
+from huntsman.models import FileSource, IngestParams
 from huntsman.science.offline import configure_offline_astropy
 from huntsman.science.paths import private_dir
 from huntsman.service_config import write_service_config
@@ -58,7 +58,7 @@ def ingest_params(config: Config) -> IngestParams:
         camera_numbers=tuple(sorted(config.camera_numbers().items())),
         metrics=config.ingest.metrics,
         raw_root=str(config.paths.raw_dir.resolve()),
-        detector=DetectorConstants(**config.detector.model_dump()),
+        detector=config.detector,
         max_pixels=config.ingest.max_pixels,
     )
 

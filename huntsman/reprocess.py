@@ -277,7 +277,7 @@ class Reprocessor:
             return sum(1 for d in docs if predicate(d))
 
         if stage == "qc":
-            refcat = self.config.qc.refcat_path
+            refcat = self.config.qc.refcat.path
             usable = refcat is not None and await asyncio.to_thread(refcat.is_file)
             n = count(lambda d: (d.get("qc") or {}).get("zeropoint") is not None)
             if n and not usable:

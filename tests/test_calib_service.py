@@ -32,9 +32,9 @@ CAM = "TESTCAM01"
 D1, D2, D3 = "2022-03-01", "2022-03-02", "2022-03-03"
 NOMINAL = CameraModel()
 SMALL_GROUPS = {
-    "CALIB__MIN_FRAMES_BIAS": 3,
-    "CALIB__MIN_FRAMES_DARK": 3,
-    "CALIB__MIN_FRAMES_FLAT": 3,
+    "CALIB__FRAMES__BIAS__MIN": 3,
+    "CALIB__FRAMES__DARK__MIN": 3,
+    "CALIB__FRAMES__FLAT__MIN": 3,
     "CALIB__WINDOW_DAYS": 0,
     "CALIB__MEMORY_LIMIT_MB": 300,
 }
@@ -227,8 +227,8 @@ async def test_rejections_and_too_few_frames_are_recorded(
 async def test_real_samples_make_valid_masters(
     tmp_path: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:
-    config = make_config(tmp_path, mongo_uri, db_name, CALIB__MIN_FRAMES_BIAS=1,
-                         CALIB__MIN_FRAMES_DARK=1, CALIB__MIN_FRAMES_FLAT=1)
+    config = make_config(tmp_path, mongo_uri, db_name, CALIB__FRAMES__BIAS__MIN=1,
+                         CALIB__FRAMES__DARK__MIN=1, CALIB__FRAMES__FLAT__MIN=1)
     raw = tmp_path / "raw"
     raw.mkdir()
     for name in ("bias_0", "dark_0", "flat_0", "science_0"):

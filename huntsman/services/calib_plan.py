@@ -225,7 +225,8 @@ def plan_unit(
         for f in sorted(mine, key=lambda f: f.filename)
         if f.calib_date == unit.date and (reason := reasons[f.filename]) is not None
     )
-    low, high = config.frame_limits(unit.calib_type)
+    limits = config.frames.of(unit.calib_type)
+    low, high = limits.min, limits.max
     centre = dt.datetime.fromisoformat(unit.date).replace(hour=12, tzinfo=dt.UTC)
     tolerance = config.temperature_tolerance_c
     if unit.calib_type == "dark":
