@@ -17,15 +17,16 @@ from astropy.io import fits
 from huntsman.app import make_calib_service, make_pool
 from huntsman.commands import _status_text
 from huntsman.commands import calib as calib_command
-from huntsman.config import Config
+from huntsman.config import Config, load_config
 from huntsman.logs import get_logger
 from huntsman.models import IngestParams, utcnow
 from huntsman.science.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 from huntsman.services.calib import CalibService
+from huntsman.services.calib_plan import RawFrame, rejection_reason
 from huntsman.store.calibs import Unit
 from huntsman.store.database import Database
 from huntsman.workers.ingest import ingest_file
-from tests.conftest import RAW_SAMPLES, ServiceHandle, make_config, wait_for
+from tests.conftest import RAW_SAMPLES, ROOT, ServiceHandle, make_config, wait_for
 
 SHAPE = (200, 300)
 CAM = "TESTCAM01"
@@ -301,3 +302,45 @@ async def test_service_builds_masters_from_arriving_frames(
         assert handle.app.state()["calib"]["passes"] >= 1
     finally:
         assert await handle.shutdown() == 0
+
+
+# -- which frames a master may use -------------------------------------------------------------
+
+def _raw(kind: str, metrics: dict[str, Any], **fields: Any) -> RawFrame:
+    doc = {"filename": f"/raw/{kind}.fits", "observation_type": kind, "camera": CAM, "calib_date": D1,
+           "physical_filter": "g_band", "exposure_time": 10.0, "ingest": {"status": "ok"},
+           "metrics": metrics, **fields}
+    frame = RawFrame.from_doc(doc)
+    assert frame is not None
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("kind", "metrics", "fields", "reason"),
+    [
+        ("bias", {"clipped_median": 32.0}, {"file": {"missing": True}},
+         "raw file missing (deleted or moved out of the raw tree)"),
+        ("dark", {}, {"ingest": {"status": "failed", "error": "boom"}}, "ingestion failed: boom"),
+        ("flat", {}, {"exposure_time": 0.0}, "exposure time 0.0 s is not positive"),
+        ("bias", {}, {"exposure_time": 0.0}, None),  # biases need no exposure; no metrics to judge
+        ("dark", {"failed": {"clipped_median": "all NaN"}}, {}, "no pixel statistics: all NaN"),
+        ("bias", {"clipped_median": 45.0, "level_offset_adu": 13.0}, {},
+         "bias level offset +13.0 ADU outside ±10 ADU"),
+        ("bias", {"clipped_median": 32.0, "level_offset_adu": 1.0, "n_sources": 4}, {},
+         "4 sources detected (> 3): light leak or stars"),
+        ("dark", {"clipped_median": 33.0, "level_offset_adu": 99.0, "n_sources": 3}, {}, None),
+        ("flat", {"clipped_median": 200.0}, {}, "too faint: illumination 0.049 of saturation < 0.1"),
+        ("flat", {"clipped_median": 2000.0, "illumination_fraction": 0.9}, {},
+         "near saturation: illumination 0.900 of saturation > 0.8"),
+        ("flat", {"clipped_median": 2000.0, "n_sources": 501}, {}, "star-filled: 501 sources > 500"),
+        ("flat", {"clipped_median": 2000.0, "n_sources": 400, "elongation_trail": 1.6}, {},
+         "trailed: source elongation 1.60 > 1.5"),
+        ("flat", {"clipped_median": 2000.0, "n_sources": 400, "elongation_trail": 1.2}, {}, None),
+    ],
+)
+def test_rejection_reasons(
+    kind: str, metrics: dict[str, Any], fields: dict[str, Any], reason: str | None, tmp_path: Path
+) -> None:
+    config = load_config(ROOT / "etc" / "huntsman.yaml", environ={}, root=tmp_path)
+    frame = _raw(kind, metrics, **fields)
+    assert rejection_reason(frame, config.calib, config.detector) == reason
