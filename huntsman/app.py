@@ -37,6 +37,7 @@ from huntsman.services.reporter import ReportScheduler
 from huntsman.services.solver import PlateSolver
 from huntsman.services.tasks import cancel_and_wait, raise_if_cancelling
 from huntsman.services.watcher import DirectoryWatcher
+from huntsman.store.calibs import CalibCollection
 from huntsman.store.database import (
     Database,
     DatabaseMonitor,
@@ -82,17 +83,23 @@ def make_pool(config: Config, log: Any, *, background: bool = False) -> ComputeP
     )
 
 
+def calib_repository(config: Config, database: Database) -> CalibCollection:
+    """The masters repository of the services, built with ``calib.max_age_days`` (never set later)."""
+    shared = database.calibs
+    return CalibCollection(shared.collection, shared.status, max_age_days=config.calib.max_age_days)
+
+
 def make_calib_service(config: Config, database: Database, pool: ComputePool, log: Any) -> CalibService:
     return CalibService(
-        database.exposures, database.calibs, pool, config.calib, config.detector,
+        database.exposures, calib_repository(config, database), pool, config.calib, config.detector,
         config.paths.calib_dir, log,
     )
 
 
 def make_quality_monitor(config: Config, database: Database, pool: ComputePool, log: Any) -> QualityMonitor:
-    database.calibs.max_age_days = config.calib.max_age_days
     return QualityMonitor(
-        database.exposures, database.calibs, pool, config.qc, config.detector, config.paths, log,
+        database.exposures, calib_repository(config, database), pool, config.qc, config.detector,
+        config.paths, log,
     )
 
 

@@ -304,6 +304,27 @@ async def test_service_builds_masters_from_arriving_frames(
         assert await handle.shutdown() == 0
 
 
+# -- configuration given at construction --------------------------------------------------------
+
+async def test_services_get_the_master_validity_at_construction(
+    tmp_path: Path, mongo_uri: str, db_name: str, database: Database
+) -> None:
+    from huntsman.app import make_quality_monitor
+    from huntsman.store.calibs import DEFAULT_MAX_AGE_DAYS
+
+    config = make_config(tmp_path, mongo_uri, db_name, CALIB__MAX_AGE_DAYS=3, ASTROMETRY__ENABLED="false")
+    log = get_logger(test="calib")
+    pool = make_pool(config, log)
+    try:
+        calib = make_calib_service(config, database, pool, log)
+        quality = make_quality_monitor(config, database, pool, log)
+    finally:
+        await pool.shutdown(2.0)
+    assert calib.calibs.max_age_days == 3 and quality.calibs.max_age_days == 3
+    assert database.calibs.max_age_days == DEFAULT_MAX_AGE_DAYS  # the shared repository is untouched
+    assert calib.calibs.collection is database.calibs.collection
+
+
 # -- which frames a master may use -------------------------------------------------------------
 
 def _raw(kind: str, metrics: dict[str, Any], **fields: Any) -> RawFrame:
