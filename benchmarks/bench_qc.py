@@ -94,8 +94,8 @@ async def part2(tmp: Path, n_science: int, shape: tuple[int, int]) -> dict[str, 
 
     configure_logging("WARNING", "json")
     env = {"HUNTSMAN_VAR_DIR": str(tmp / "var"), "HUNTSMAN_DATABASE__EMBEDDED__PORT": "0",
-           "HUNTSMAN_CALIB__MIN_FRAMES_BIAS": "3", "HUNTSMAN_CALIB__MIN_FRAMES_DARK": "3",
-           "HUNTSMAN_CALIB__MIN_FRAMES_FLAT": "3", "HUNTSMAN_CALIB__WINDOW_DAYS": "0",
+           "HUNTSMAN_CALIB__FRAMES__BIAS__MIN": "3", "HUNTSMAN_CALIB__FRAMES__DARK__MIN": "3",
+           "HUNTSMAN_CALIB__FRAMES__FLAT__MIN": "3", "HUNTSMAN_CALIB__WINDOW_DAYS": "0",
            "HUNTSMAN_ASTROMETRY__ENABLED": "false", "HUNTSMAN_POOL__MAX_WORKERS": str(os.cpu_count() or 2)}
     config = load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp)
     log = get_logger(bench="qc")

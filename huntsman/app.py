@@ -24,7 +24,7 @@ from huntsman import __version__
 from huntsman.config import Config, redact_uri
 from huntsman.lock import EMBEDDED_LOCK, SERVICE_LOCK, LockHeld, PidLock
 from huntsman.logs import Logger, get_logger
-from huntsman.models import DetectorConstants, FileSource, IngestParams
+from huntsman.models import FileSource, IngestParams
 from huntsman.science.offline import configure_offline_astropy
 from huntsman.science.paths import private_dir
 from huntsman.service_config import write_service_config
@@ -37,6 +37,7 @@ from huntsman.services.reporter import ReportScheduler
 from huntsman.services.solver import PlateSolver
 from huntsman.services.tasks import cancel_and_wait, raise_if_cancelling
 from huntsman.services.watcher import DirectoryWatcher
+from huntsman.store.calibs import CalibCollection
 from huntsman.store.database import (
     Database,
     DatabaseMonitor,
@@ -58,7 +59,7 @@ def ingest_params(config: Config) -> IngestParams:
         camera_numbers=tuple(sorted(config.camera_numbers().items())),
         metrics=config.ingest.metrics,
         raw_root=str(config.paths.raw_dir.resolve()),
-        detector=DetectorConstants(**config.detector.model_dump()),
+        detector=config.detector,
         max_pixels=config.ingest.max_pixels,
     )
 
@@ -82,9 +83,15 @@ def make_pool(config: Config, log: Logger, *, background: bool = False) -> Compu
     )
 
 
+def calib_repository(config: Config, database: Database) -> CalibCollection:
+    """The masters repository of the services, built with ``calib.max_age_days`` (never set later)."""
+    shared = database.calibs
+    return CalibCollection(shared.collection, shared.status, max_age_days=config.calib.max_age_days)
+
+
 def make_calib_service(config: Config, database: Database, pool: ComputePool, log: Logger) -> CalibService:
     return CalibService(
-        database.exposures, database.calibs, pool, config.calib, config.detector,
+        database.exposures, calib_repository(config, database), pool, config.calib, config.detector,
         config.paths.calib_dir, log,
     )
 
@@ -92,9 +99,9 @@ def make_calib_service(config: Config, database: Database, pool: ComputePool, lo
 def make_quality_monitor(
     config: Config, database: Database, pool: ComputePool, log: Logger
 ) -> QualityMonitor:
-    database.calibs.max_age_days = config.calib.max_age_days
     return QualityMonitor(
-        database.exposures, database.calibs, pool, config.qc, config.detector, config.paths, log,
+        database.exposures, calib_repository(config, database), pool, config.qc, config.detector,
+        config.paths, log,
     )
 
 

@@ -3,25 +3,49 @@
 Layers, later ones winning: the packaged defaults in this module, ``etc/huntsman.yaml`` (or the
 file named by ``--config`` / ``HUNTSMAN_CONFIG``), an optional override file, then environment
 variables: ``HUNTSMAN_MONGODB_URI``, ``HUNTSMAN_RAW_DIR``, ``HUNTSMAN_VAR_DIR`` and, for any
-field, ``HUNTSMAN_<SECTION>__<FIELD>`` (for example ``HUNTSMAN_INGEST__MAX_TRIES=5``).
+field, ``HUNTSMAN_<SECTION>__<FIELD>`` (for example ``HUNTSMAN_INGEST__MAX_TRIES=5``), nested
+sections joined the same way (``HUNTSMAN_QC__REFCAT__PATH``, ``HUNTSMAN_CALIB__FRAMES__BIAS__MIN``).
+
+Sections shaped like the science take the science records themselves: ``detector`` is
+:class:`~huntsman.models.DetectorConstants`, ``qc.refcat`` a :class:`~huntsman.models.CatalogueSpec`
+(plus the file's path), ``qc.grade`` a :class:`~huntsman.models.GradeThresholds` (pydantic
+dataclasses, light on imports: loading the config pulls in no astropy), so no adapter copies
+fields.  The flat keys of earlier versions
+(``qc.refcat_path``, ``qc.grade_min_stars``, ``calib.min_frames_bias``, ...) are still read with
+a :class:`ConfigDeprecationWarning` naming the new key, except ``qc.refcat_mag_min``/``_max``,
+refused with a one-line error naming ``qc.refcat.mag_range``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from huntsman.models import CatalogueSpec, DetectorConstants, GradeThresholds, ObservationType
 
 __all__ = [
     "Config",
+    "ConfigDeprecationWarning",
     "ConfigError",
     "load_config",
     "redact_data",
@@ -43,6 +67,108 @@ _ENV_ALIASES = {
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message is one line meant for the operator."""
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """An old configuration key, still read: the message (one line) names its new key.
+
+    A ``FutureWarning`` because Python shows those to the operator by default (a plain
+    ``DeprecationWarning`` from library code is hidden).
+    """
+
+
+# Old flat keys of a section -> their place in the nested shape (read, with a warning).
+_RENAMED: dict[str, dict[str, tuple[str, ...]]] = {
+    "qc": {
+        **{f"refcat_{name}": ("refcat", name) for name in (
+            "path", "format", "ra_column", "dec_column", "mag_columns", "err_columns",
+            "stellarity_column", "min_stellarity", "flags_column", "flags_allowed",
+            "min_separation_arcsec",
+        )},
+        **{f"grade_{name}": ("grade", name) for name in (
+            "fwhm_arcsec_good", "fwhm_arcsec_bad", "zeropoint_drop_mag", "sky_mag_min", "min_stars",
+        )},
+    },
+    "calib": {
+        f"{bound}_frames_{kind}": ("frames", kind, bound)
+        for kind in ("bias", "dark", "flat") for bound in ("min", "max")
+    },
+}
+# Old keys whose value changed shape (two numbers became one pair): refused, naming the new key.
+_REFUSED: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
+    "qc": {
+        "refcat_mag_min": (("refcat", "mag_range"), "[min, max]"),
+        "refcat_mag_max": (("refcat", "mag_range"), "[min, max]"),
+    },
+}
+
+KeyNamer = Callable[[tuple[str, ...]], str]
+
+
+def _dotted(keys: tuple[str, ...]) -> str:
+    return ".".join(keys)
+
+
+def _env_name(keys: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "__".join(keys).upper()
+
+
+def migrate_section(
+    section: str, data: Any, name: KeyNamer = _dotted, where: str = "<config>"
+) -> Any:
+    """``data`` of a config section with its old flat keys moved to their nested places.
+
+    Each moved key gives one :class:`ConfigDeprecationWarning` naming the new key (``name``
+    spells keys as the source does: dotted, or as environment variables; ``where`` is the
+    file); a refused key, or an old key set beside its new one, is a ``ValueError`` (one line).
+    Anything but a mapping is returned unchanged, for validation to judge.
+    """
+    if not isinstance(data, Mapping):
+        return data
+    refused = [key for key in _REFUSED.get(section, {}) if key in data]
+    if refused:
+        new, shape = _REFUSED[section][refused[0]]
+        raise ValueError(
+            f"{name((section, refused[0]))} is no longer read: set {name((section, *new))} to {shape}"
+        )
+    renamed = [key for key in _RENAMED.get(section, {}) if key in data]
+    if not renamed:
+        return data
+    out = dict(data)  # each level on the way is copied below: the input is never changed
+    for old in renamed:
+        new = _RENAMED[section][old]
+        clash = ValueError(
+            f"{name((section, old))} and {name((section, *new))} are both set: keep only "
+            f"{name((section, *new))}"
+        )
+        node = out
+        for key in new[:-1]:
+            inner = node.get(key, {})
+            if not isinstance(inner, Mapping):
+                raise clash  # the whole sub-section is given (as a record): the old key has no place
+            node[key] = dict(inner)
+            node = node[key]
+        if new[-1] in node:
+            raise clash
+        node[new[-1]] = out.pop(old)
+        message = f"{name((section, old))} is deprecated: use {name((section, *new))}"
+        if name is _env_name:
+            message += f" ({_dotted((section, *new))})"
+        warnings.warn_explicit(message, ConfigDeprecationWarning, where, 0, module=__name__)
+    return out
+
+
+def _migrate(data: dict[str, Any], name: KeyNamer, where: str) -> dict[str, Any]:
+    """One configuration layer with its old keys moved (each layer on its own, so that an old
+    key of a later layer still wins over the new key of an earlier one)."""
+    try:
+        return {
+            section: migrate_section(section, value, name, where) if section in _RENAMED else value
+            for section, value in data.items()
+        }
+    except ValueError as exc:
+        prefix = "" if name is _env_name else f"{where}: "
+        raise ConfigError(f"invalid configuration: {prefix}{exc}") from None
 
 
 class _Section(BaseModel):
@@ -171,15 +297,35 @@ class IngestConfig(_Section):
     )
 
 
-class DetectorConfig(_Section):
-    """Nominal constants of the cameras (ZWO ASI183MM Pro behind a Canon 400 mm f/2.8)."""
+# The detector section is the science record itself: pydantic validates it from the file.
+DetectorConfig = DetectorConstants
 
-    saturation_adu: float = Field(4094.0, gt=0)
-    gain_e_per_adu: float = Field(1.145, gt=0)
-    read_noise_e: float = Field(2.4, gt=0)
-    bias_level_adu: float = Field(32.0, ge=0)
-    dark_current_e_per_s: float = Field(0.005, ge=0)
-    pixel_scale_arcsec: float = Field(1.24, gt=0)
+
+class FrameLimits(_Section):
+    """How many raw frames make one master: fewer usable ones, no master; more, the nearest in time."""
+
+    min: int = Field(5, ge=1, description="fewer usable frames: no master, reason recorded")
+    max: int = Field(50, ge=1, description="more: the nearest in time to the date are used")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> FrameLimits:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) exceeds max ({self.max})")
+        return self
+
+
+class FramesConfig(_Section):
+    """``calib.frames.<type>``: the frame limits of each kind of master."""
+
+    bias: FrameLimits = FrameLimits()
+    dark: FrameLimits = FrameLimits()
+    flat: FrameLimits = FrameLimits()
+
+    def of(self, calib_type: str) -> FrameLimits:
+        """The limits of masters of ``calib_type`` (bias, dark or flat)."""
+        by_type = {ObservationType.BIAS: self.bias, ObservationType.DARK: self.dark,
+                   ObservationType.FLAT: self.flat}
+        return by_type[ObservationType(calib_type)]
 
 
 class CalibConfig(_Section):
@@ -191,12 +337,7 @@ class CalibConfig(_Section):
     window_days: int = Field(1, ge=0, description="neighbouring days used when a date has too few")
     max_age_days: float = Field(14.0, ge=0, description="validity of a master either side of its date")
     temperature_tolerance_c: float = Field(2.0, gt=0)
-    min_frames_bias: int = Field(5, ge=1)
-    max_frames_bias: int = Field(50, ge=1)
-    min_frames_dark: int = Field(5, ge=1)
-    max_frames_dark: int = Field(50, ge=1)
-    min_frames_flat: int = Field(5, ge=1)
-    max_frames_flat: int = Field(50, ge=1)
+    frames: FramesConfig = FramesConfig()
     bias_max_level_offset_adu: float = Field(10.0, gt=0)
     max_sources_bias_dark: int = Field(3, ge=0)
     flat_min_illumination_fraction: float = Field(0.1, ge=0, le=1)
@@ -210,19 +351,23 @@ class CalibConfig(_Section):
     dead_pixel_fraction: float = Field(0.5, gt=0, lt=1)
     job_timeout_s: float = Field(900.0, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return migrate_section("calib", data)
+
     @model_validator(mode="after")
     def _check_ranges(self) -> CalibConfig:
-        for kind in ("bias", "dark", "flat"):
-            low, high = getattr(self, f"min_frames_{kind}"), getattr(self, f"max_frames_{kind}")
-            if low > high:
-                raise ValueError(f"min_frames_{kind} ({low}) exceeds max_frames_{kind} ({high})")
         if self.flat_min_illumination_fraction >= self.flat_max_illumination_fraction:
             raise ValueError("flat_min_illumination_fraction must be below flat_max_illumination_fraction")
         return self
 
-    def frame_limits(self, calib_type: str) -> tuple[int, int]:
-        """(min, max) number of raw frames of a master of ``calib_type``."""
-        return getattr(self, f"min_frames_{calib_type}"), getattr(self, f"max_frames_{calib_type}")
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class RefcatConfig(CatalogueSpec):
+    """``qc.refcat``: the reference catalogue file and its :class:`CatalogueSpec` (columns, cuts)."""
+
+    path: Annotated[Path | None, Field(description="local catalogue file; None: no zeropoint")] = None
 
 
 class QCConfig(_Section):
@@ -237,35 +382,29 @@ class QCConfig(_Section):
     write_calibrated: bool = True
     min_flat_value: float = Field(0.2, ge=0, description="flat pixels below this are masked")
     psf_max_stars: int = Field(150, ge=5)
-    refcat_path: Path | None = Field(None, description="local catalogue file; None: no zeropoint")
-    refcat_format: Literal["skymapper", "csv", "fits"] = "skymapper"
-    refcat_ra_column: str = "raj2000"
-    refcat_dec_column: str = "dej2000"
-    refcat_mag_columns: dict[str, str] = {"g_band": "g_psf", "r_band": "r_psf"}
-    refcat_err_columns: dict[str, str] = {"g_band": "e_g_psf", "r_band": "e_r_psf"}
-    refcat_stellarity_column: str | None = "class_star"
-    refcat_min_stellarity: float = 0.9
-    refcat_flags_column: str | None = "flags"
-    refcat_flags_allowed: tuple[int, ...] = (0,)
-    refcat_mag_min: float | None = None
-    refcat_mag_max: float | None = None
-    refcat_min_separation_arcsec: float | None = Field(None, gt=0)
-    grade_fwhm_arcsec_good: float = Field(3.5, gt=0)
-    grade_fwhm_arcsec_bad: float = Field(5.0, gt=0)
-    grade_zeropoint_drop_mag: float = Field(0.5, gt=0)
+    refcat: RefcatConfig = RefcatConfig()
+    grade: GradeThresholds = GradeThresholds()
     nominal_zeropoint: dict[str, float] = Field(
         default_factory=dict, description="filter or 'CAM-ID/filter' -> nominal zeropoint (mag)"
     )
-    grade_sky_mag_min: float = Field(18.0, description="sky brighter (mag/arcsec²) is flagged")
-    grade_min_stars: int = Field(10, ge=0)
 
-    @model_validator(mode="after")
-    def _check_grades(self) -> QCConfig:
-        if self.grade_fwhm_arcsec_good >= self.grade_fwhm_arcsec_bad:
-            raise ValueError("grade_fwhm_arcsec_good must be below grade_fwhm_arcsec_bad")
-        if (self.refcat_mag_min is None) != (self.refcat_mag_max is None):
-            raise ValueError("set both refcat_mag_min and refcat_mag_max, or neither")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return migrate_section("qc", data)
+
+    @field_validator("grade")
+    @classmethod
+    def _grade_of_the_section(cls, value: GradeThresholds) -> GradeThresholds:
+        if value.nominal_zeropoint is not None:
+            raise ValueError("the nominal zeropoint is per filter: set qc.nominal_zeropoint instead")
+        return value
+
+    @field_serializer("grade")
+    def _grade_limits(self, value: GradeThresholds) -> dict[str, Any]:
+        # The frame's nominal zeropoint is not a setting of this section (qc.nominal_zeropoint).
+        fields = dataclasses.fields(value)
+        return {f.name: getattr(value, f.name) for f in fields if f.name != "nominal_zeropoint"}
 
 
 class CameraConfig(_Section):
@@ -595,10 +734,10 @@ def load_config(
     base_path = Path(path) if path is not None else default_config_path()
     data: dict[str, Any] = {}
     if base_path is not None:
-        data = _read_yaml(base_path)
+        data = _migrate(_read_yaml(base_path), _dotted, str(base_path))
     if override is not None:
-        data = _deep_merge(data, _read_yaml(Path(override)))
-    data = _deep_merge(data, _env_overrides(environ))
+        data = _deep_merge(data, _migrate(_read_yaml(Path(override)), _dotted, str(override)))
+    data = _deep_merge(data, _migrate(_env_overrides(environ), _env_name, "<environment>"))
     data = _resolve_paths(data, root)
     try:
         return Config.model_validate(data)

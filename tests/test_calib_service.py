@@ -17,24 +17,25 @@ from huntsman.app import make_calib_service, make_pool
 from huntsman.cli import parse_args
 from huntsman.cli.processing import calib as calib_command
 from huntsman.cli.views import _status_text
-from huntsman.config import Config
+from huntsman.config import Config, load_config
 from huntsman.logs import get_logger
 from huntsman.models import IngestParams, utcnow
 from huntsman.science.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 from huntsman.services.calib import CalibService
+from huntsman.services.calib_plan import RawFrame, rejection_reason
 from huntsman.store.calibs import Unit
 from huntsman.store.database import Database
 from huntsman.workers.ingest import ingest_file
-from tests.conftest import RAW_SAMPLES, ServiceHandle, make_config, wait_for
+from tests.conftest import RAW_SAMPLES, ROOT, ServiceHandle, make_config, wait_for
 
 SHAPE = (200, 300)
 CAM = "TESTCAM01"
 D1, D2, D3 = "2022-03-01", "2022-03-02", "2022-03-03"
 NOMINAL = CameraModel()
 SMALL_GROUPS = {
-    "CALIB__MIN_FRAMES_BIAS": 3,
-    "CALIB__MIN_FRAMES_DARK": 3,
-    "CALIB__MIN_FRAMES_FLAT": 3,
+    "CALIB__FRAMES__BIAS__MIN": 3,
+    "CALIB__FRAMES__DARK__MIN": 3,
+    "CALIB__FRAMES__FLAT__MIN": 3,
     "CALIB__WINDOW_DAYS": 0,
     "CALIB__MEMORY_LIMIT_MB": 300,
 }
@@ -227,8 +228,8 @@ async def test_rejections_and_too_few_frames_are_recorded(
 async def test_real_samples_make_valid_masters(
     tmp_path: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:
-    config = make_config(tmp_path, mongo_uri, db_name, CALIB__MIN_FRAMES_BIAS=1,
-                         CALIB__MIN_FRAMES_DARK=1, CALIB__MIN_FRAMES_FLAT=1)
+    config = make_config(tmp_path, mongo_uri, db_name, CALIB__FRAMES__BIAS__MIN=1,
+                         CALIB__FRAMES__DARK__MIN=1, CALIB__FRAMES__FLAT__MIN=1)
     raw = tmp_path / "raw"
     raw.mkdir()
     for name in ("bias_0", "dark_0", "flat_0", "science_0"):
@@ -301,3 +302,66 @@ async def test_service_builds_masters_from_arriving_frames(
         assert handle.app.state()["calib"]["passes"] >= 1
     finally:
         assert await handle.shutdown() == 0
+
+
+# -- configuration given at construction --------------------------------------------------------
+
+async def test_services_get_the_master_validity_at_construction(
+    tmp_path: Path, mongo_uri: str, db_name: str, database: Database
+) -> None:
+    from huntsman.app import make_quality_monitor
+    from huntsman.store.calibs import DEFAULT_MAX_AGE_DAYS
+
+    config = make_config(tmp_path, mongo_uri, db_name, CALIB__MAX_AGE_DAYS=3, ASTROMETRY__ENABLED="false")
+    log = get_logger(test="calib")
+    pool = make_pool(config, log)
+    try:
+        calib = make_calib_service(config, database, pool, log)
+        quality = make_quality_monitor(config, database, pool, log)
+    finally:
+        await pool.shutdown(2.0)
+    assert calib.calibs.max_age_days == 3 and quality.calibs.max_age_days == 3
+    assert database.calibs.max_age_days == DEFAULT_MAX_AGE_DAYS  # the shared repository is untouched
+    assert calib.calibs.collection is database.calibs.collection
+
+
+# -- which frames a master may use -------------------------------------------------------------
+
+def _raw(kind: str, metrics: dict[str, Any], **fields: Any) -> RawFrame:
+    doc = {"filename": f"/raw/{kind}.fits", "observation_type": kind, "camera": CAM, "calib_date": D1,
+           "physical_filter": "g_band", "exposure_time": 10.0, "ingest": {"status": "ok"},
+           "metrics": metrics, **fields}
+    frame = RawFrame.from_doc(doc)
+    assert frame is not None
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("kind", "metrics", "fields", "reason"),
+    [
+        ("bias", {"clipped_median": 32.0}, {"file": {"missing": True}},
+         "raw file missing (deleted or moved out of the raw tree)"),
+        ("dark", {}, {"ingest": {"status": "failed", "error": "boom"}}, "ingestion failed: boom"),
+        ("flat", {}, {"exposure_time": 0.0}, "exposure time 0.0 s is not positive"),
+        ("bias", {}, {"exposure_time": 0.0}, None),  # biases need no exposure; no metrics to judge
+        ("dark", {"failed": {"clipped_median": "all NaN"}}, {}, "no pixel statistics: all NaN"),
+        ("bias", {"clipped_median": 45.0, "level_offset_adu": 13.0}, {},
+         "bias level offset +13.0 ADU outside ±10 ADU"),
+        ("bias", {"clipped_median": 32.0, "level_offset_adu": 1.0, "n_sources": 4}, {},
+         "4 sources detected (> 3): light leak or stars"),
+        ("dark", {"clipped_median": 33.0, "level_offset_adu": 99.0, "n_sources": 3}, {}, None),
+        ("flat", {"clipped_median": 200.0}, {}, "too faint: illumination 0.049 of saturation < 0.1"),
+        ("flat", {"clipped_median": 2000.0, "illumination_fraction": 0.9}, {},
+         "near saturation: illumination 0.900 of saturation > 0.8"),
+        ("flat", {"clipped_median": 2000.0, "n_sources": 501}, {}, "star-filled: 501 sources > 500"),
+        ("flat", {"clipped_median": 2000.0, "n_sources": 400, "elongation_trail": 1.6}, {},
+         "trailed: source elongation 1.60 > 1.5"),
+        ("flat", {"clipped_median": 2000.0, "n_sources": 400, "elongation_trail": 1.2}, {}, None),
+    ],
+)
+def test_rejection_reasons(
+    kind: str, metrics: dict[str, Any], fields: dict[str, Any], reason: str | None, tmp_path: Path
+) -> None:
+    config = load_config(ROOT / "etc" / "huntsman.yaml", environ={}, root=tmp_path)
+    frame = _raw(kind, metrics, **fields)
+    assert rejection_reason(frame, config.calib, config.detector) == reason

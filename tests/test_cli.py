@@ -176,12 +176,12 @@ def test_database_errors_inside_exception_groups_are_one_line(tmp_path: Path) ->
 def test_conflicts_are_only_data_settings(tmp_path: Path, mongo_uri: str) -> None:
     from huntsman.service_config import config_differences
 
-    service = make_config(tmp_path, mongo_uri, "night", QC__REFCAT_PATH="/data/refcat.csv")
-    same_data = make_config(tmp_path, mongo_uri, "night", QC__REFCAT_PATH="/data/refcat.csv",
+    service = make_config(tmp_path, mongo_uri, "night", QC__REFCAT__PATH="/data/refcat.csv")
+    same_data = make_config(tmp_path, mongo_uri, "night", QC__REFCAT__PATH="/data/refcat.csv",
                             LOGGING__LEVEL="DEBUG", HTTP__PORT="9999")
     assert config_differences(same_data, service.redacted()) == []
     other = make_config(tmp_path, mongo_uri, "other")
-    assert config_differences(other, service.redacted()) == ["database.name", "qc.refcat_path"]
+    assert config_differences(other, service.redacted()) == ["database.name", "qc.refcat.path"]
 
 
 def test_a_tool_never_silently_uses_another_external_database(tmp_path: Path) -> None:
@@ -420,7 +420,7 @@ async def test_reprocess_qc_refuses_to_wipe_zeropoints(
     proc = await ahuntsman(["reprocess", "qc", "--night", N1], env, tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1 and "refusing to reprocess qc" in proc.stderr
-    assert f"{n} of {n} frames have a zeropoint" in proc.stderr and "qc.refcat_path" in proc.stderr
+    assert f"{n} of {n} frames have a zeropoint" in proc.stderr and "qc.refcat.path" in proc.stderr
     async for doc in database.exposures.find(science):
         assert doc["qc"]["zeropoint"] == 24.61 and "history" not in doc  # nothing changed
     # The older spelling is the same implementation: the same refusal, word for word.
@@ -432,7 +432,7 @@ async def test_reprocess_qc_refuses_to_wipe_zeropoints(
     # command line now uses the service's configuration, so it is not refused.
     refcat = tmp_path / "refcat.csv"
     refcat.write_text("raj2000,dej2000,g_psf,r_psf\n")
-    service = make_config(tmp_path, mongo_uri, db_name, QC__REFCAT_PATH=str(refcat))
+    service = make_config(tmp_path, mongo_uri, db_name, QC__REFCAT__PATH=str(refcat))
     path = write_service_config(service)
     proc = await ahuntsman(["reprocess", "qc", "--night", N1, "--dry-run"], cli_env(tmp_path, mongo_uri),
                            tmp_path)
@@ -462,14 +462,14 @@ async def test_service_writes_its_config_and_tools_use_it(
 ) -> None:
     # The service runs with settings a bare command line would not have (its own database
     # name, an override of a data setting).
-    config = make_config(tmp_path, mongo_uri, db_name, CALIB__MIN_FRAMES_BIAS=3, HTTP__ENABLED="false")
+    config = make_config(tmp_path, mongo_uri, db_name, CALIB__FRAMES__BIAS__MIN=3, HTTP__ENABLED="false")
     handle = await ServiceHandle(config).start()
     try:
         path = tmp_path / "var" / SERVICE_CONFIG
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         record = json.loads(path.read_text())
         assert record["pid"] == os.getpid() and record["config"]["database"]["name"] == db_name
-        assert record["config"]["calib"]["min_frames_bias"] == 3
+        assert record["config"]["calib"]["frames"]["bias"]["min"] == 3
 
         # No --config, no database name: the service's is used, and the tool says so.
         bare = cli_env(tmp_path, mongo_uri)
@@ -490,15 +490,15 @@ async def test_service_writes_its_config_and_tools_use_it(
         own = cli_env(tmp_path, mongo_uri, db_name)
         proc = await ahuntsman(["--config", YAML, "export", "--no-header"], own, tmp_path)
         assert proc.returncode == 1  # nothing ingested yet
-        assert "warning: using" in proc.stderr and "calib.min_frames_bias" in proc.stderr
+        assert "warning: using" in proc.stderr and "calib.frames.bias.min" in proc.stderr
         guarded = (["calib"], ["qc"], ["reprocess", "ingest"])
         procs = await run_all([(["--config", YAML, *args], own) for args in guarded], tmp_path)
         for args, proc in zip(guarded, procs, strict=True):
             assert proc.returncode == 2, (args, proc.stderr)
             lines = proc.stderr.splitlines()
-            assert len(lines) == 2 and "calib.min_frames_bias" in lines[0], lines
+            assert len(lines) == 2 and "calib.frames.bias.min" in lines[0], lines
             assert lines[1].startswith(f"huntsman: refusing to {args[0]} with a configuration")
-        same = cli_env(tmp_path, mongo_uri, db_name, HUNTSMAN_CALIB__MIN_FRAMES_BIAS="3",
+        same = cli_env(tmp_path, mongo_uri, db_name, HUNTSMAN_CALIB__FRAMES__BIAS__MIN="3",
                        HUNTSMAN_HTTP__ENABLED="false")
         proc = await ahuntsman(["--config", YAML, "qc"], same, tmp_path)
         assert "same as the service's" in proc.stderr and "refusing" not in proc.stderr

@@ -40,10 +40,10 @@ class NightService(ServiceProcess):
         env = python_env(
             HUNTSMAN_VAR_DIR=str(self.workdir / "var"),
             HUNTSMAN_SERVICE__HEARTBEAT_INTERVAL_S="0.5",
-            HUNTSMAN_CALIB__MIN_FRAMES_BIAS="3", HUNTSMAN_CALIB__MIN_FRAMES_DARK="3",
-            HUNTSMAN_CALIB__MIN_FRAMES_FLAT="3", HUNTSMAN_CALIB__WINDOW_DAYS="0",
+            HUNTSMAN_CALIB__FRAMES__BIAS__MIN="3", HUNTSMAN_CALIB__FRAMES__DARK__MIN="3",
+            HUNTSMAN_CALIB__FRAMES__FLAT__MIN="3", HUNTSMAN_CALIB__WINDOW_DAYS="0",
             HUNTSMAN_CALIB__DEBOUNCE_S="1", HUNTSMAN_WATCHER__SETTLE_S="0.5",
-            HUNTSMAN_QC__REFCAT_PATH=str(self.refcat), HUNTSMAN_QC__REFCAT_FORMAT="csv",
+            HUNTSMAN_QC__REFCAT__PATH=str(self.refcat), HUNTSMAN_QC__REFCAT__FORMAT="csv",
             HUNTSMAN_DATABASE__EMBEDDED__PORT="0",
         )
         self.proc = subprocess.Popen(

@@ -161,8 +161,8 @@ def _frame(raw: Path, name: str, kind: str, camera: str, physical_filter: str, s
 @pytest.fixture
 def hostile_config(tmp_path: Path, mongo_uri: str, db_name: str) -> Config:
     return make_config(
-        tmp_path, mongo_uri, db_name, CALIB__MIN_FRAMES_BIAS=2, CALIB__MIN_FRAMES_DARK=2,
-        CALIB__MIN_FRAMES_FLAT=2, CALIB__WINDOW_DAYS=0, CALIB__MEMORY_LIMIT_MB=200,
+        tmp_path, mongo_uri, db_name, CALIB__FRAMES__BIAS__MIN=2, CALIB__FRAMES__DARK__MIN=2,
+        CALIB__FRAMES__FLAT__MIN=2, CALIB__WINDOW_DAYS=0, CALIB__MEMORY_LIMIT_MB=200,
         ASTROMETRY__ENABLED="false",
     )
 

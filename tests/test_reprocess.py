@@ -83,7 +83,7 @@ async def filename_ids(database: Database) -> dict[str, str]:
 
 @pytest.fixture
 def rconfig(tmp_path: Path, mongo_uri: str, db_name: str) -> Config:
-    return make_config(tmp_path, mongo_uri, db_name, CALIB__MIN_FRAMES_BIAS=3, POOL__MAX_WORKERS=2)
+    return make_config(tmp_path, mongo_uri, db_name, CALIB__FRAMES__BIAS__MIN=3, POOL__MAX_WORKERS=2)
 
 
 @pytest.fixture

@@ -203,7 +203,7 @@ class Reprocessor:
     async def losses(self, stage: str, docs: list[dict[str, Any]]) -> str | None:
         """Why re-running ``stage`` would replace measured values with empty ones, if it would.
 
-        - ``qc`` without a usable catalogue (``qc.refcat_path`` unset or missing) on frames
+        - ``qc`` without a usable catalogue (``qc.refcat.path`` unset or missing) on frames
           that have a zeropoint: every zeropoint would become null;
         - ``solve`` when plate solving is unusable on frames that are solved: every solution
           would become ``skipped``;
@@ -214,11 +214,11 @@ class Reprocessor:
             return sum(1 for d in docs if predicate(d))
 
         if stage == "qc":
-            refcat = self.config.qc.refcat_path
+            refcat = self.config.qc.refcat.path
             usable = refcat is not None and await asyncio.to_thread(refcat.is_file)
             n = count(lambda d: (d.get("qc") or {}).get("zeropoint") is not None)
             if n and not usable:
-                why = "no catalogue is configured (qc.refcat_path)" if refcat is None else (
+                why = "no catalogue is configured (qc.refcat.path)" if refcat is None else (
                     f"the catalogue {refcat} does not exist")
                 return (f"{n} of {len(docs)} frames have a zeropoint and {why}: QC would replace "
                         "them with none (use the service's configuration, or --force; the old "

@@ -16,11 +16,13 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
+
+from huntsman.models import CatalogueSpec
 
 __all__ = [
     "AstrometricResidual",
@@ -34,87 +36,6 @@ __all__ = [
     "project",
     "select_in_field",
 ]
-
-CatalogueFormat = Literal["skymapper", "csv", "fits"]
-_Pairs = tuple[tuple[str, str], ...]
-
-
-def _pairs(value: Mapping[str, str] | Sequence[tuple[str, str]] | None) -> _Pairs:
-    """A hashable, order-independent form of a filter → column mapping."""
-    if value is None:
-        return ()
-    items = value.items() if isinstance(value, Mapping) else value
-    return tuple(sorted((str(k), str(v)) for k, v in items))
-
-
-@dataclasses.dataclass(frozen=True)
-class CatalogueSpec:
-    """Column names and quality cuts of a reference catalogue file.
-
-    The defaults describe a SkyMapper DR3 CSV extract with the original pipeline's cuts.
-    ``mag_columns`` / ``err_columns`` accept a mapping ``{filter_name: column}`` and are stored
-    as sorted tuples of pairs so that the spec is hashable (it is part of the cache key).
-
-    Attributes
-    ----------
-    format : {'skymapper', 'csv', 'fits'}
-        ``skymapper`` and ``csv`` are comma-separated text with a header line (empty fields are
-        missing values); ``fits`` is the first binary-table HDU.
-    ra_column, dec_column : str
-        ICRS/J2000 right ascension and declination, degrees.
-    mag_columns : mapping of str to str
-        Filter name (as in the frame's ``physical_filter``) → magnitude column (mag).
-    err_columns : mapping of str to str
-        Filter name → magnitude-error column (mag); filters without one get NaN errors.
-    stellarity_column, min_stellarity : str or None, float
-        Rows with stellarity below the minimum (or missing) are dropped.
-    flags_column, flags_allowed : str or None, tuple of int
-        Rows whose flag value is not one of ``flags_allowed`` (or is missing) are dropped.
-    mag_range : (float, float) or None
-        Magnitudes outside ``[min, max]`` are set to NaN for that filter; rows left with no
-        finite magnitude in any configured filter are dropped.
-    min_separation_arcsec : float or None
-        Rows with any other catalogue row (before the quality cuts, so galaxies and flagged
-        objects count as neighbours) closer than this are dropped.
-    """
-
-    format: CatalogueFormat = "skymapper"
-    ra_column: str = "raj2000"
-    dec_column: str = "dej2000"
-    mag_columns: Mapping[str, str] | _Pairs = (("g_band", "g_psf"), ("r_band", "r_psf"))
-    err_columns: Mapping[str, str] | _Pairs = (("g_band", "e_g_psf"), ("r_band", "e_r_psf"))
-    stellarity_column: str | None = "class_star"
-    min_stellarity: float = 0.9
-    flags_column: str | None = "flags"
-    flags_allowed: tuple[int, ...] = (0,)
-    mag_range: tuple[float, float] | None = None
-    min_separation_arcsec: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.format not in ("skymapper", "csv", "fits"):
-            raise ValueError(f"unknown catalogue format {self.format!r}")
-        object.__setattr__(self, "mag_columns", _pairs(self.mag_columns))
-        object.__setattr__(self, "err_columns", _pairs(self.err_columns))
-        object.__setattr__(self, "flags_allowed", tuple(int(f) for f in self.flags_allowed))
-        if not self.mag_columns:
-            raise ValueError("mag_columns must name at least one filter")
-
-    @property
-    def magnitude_map(self) -> dict[str, str]:
-        """Filter name → magnitude column."""
-        return dict(_pairs(self.mag_columns))
-
-    @property
-    def error_map(self) -> dict[str, str]:
-        """Filter name → magnitude-error column."""
-        return dict(_pairs(self.err_columns))
-
-    def required_columns(self) -> list[str]:
-        """Every column this spec reads, in a stable order."""
-        cols = [self.ra_column, self.dec_column]
-        cols += list(self.magnitude_map.values()) + list(self.error_map.values())
-        cols += [c for c in (self.stellarity_column, self.flags_column) if c]
-        return list(dict.fromkeys(cols))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -103,7 +103,6 @@ class CalibService:
     ) -> None:
         self.exposures = exposures
         self.calibs = calibs
-        self.calibs.max_age_days = config.max_age_days
         self.pool = pool
         self.config = config
         self.detector = detector
@@ -320,9 +319,10 @@ class CalibService:
         needed = {"bias": [], "dark": ["bias"], "flat": ["bias", "dark"]}[unit.calib_type]
         masters: dict[str, str] = {}
         for kind in needed:
-            doc = await self.calibs.match_one(kind, unit.camera, unit.date, ccd_temp=group.ccd_temp)
+            age = self.config.max_age_days
+            doc = await self.calibs.match_one(kind, unit.camera, unit.date, ccd_temp=group.ccd_temp,
+                                              max_age_days=age)
             if doc is None:
-                age = self.config.max_age_days
                 return masters, f"waiting for a master {kind} of {unit.camera} within {age:g} days"
             masters[kind] = doc["filename"]
         return masters, None
@@ -436,7 +436,8 @@ class CalibService:
             by_key[(doc.get("physical_filter"), doc["calib_date"])].append(doc["filename"])
         ready: list[str] = []
         for (physical_filter, date), filenames in sorted(by_key.items(), key=lambda kv: repr(kv[0])):
-            chosen = await self.calibs.match(master["camera"], physical_filter, date)
+            chosen = await self.calibs.match(master["camera"], physical_filter, date,
+                                             max_age_days=self.config.max_age_days)
             if chosen is not None and master["filename"] in {d["filename"] for d in chosen.values()}:
                 ready.extend(sorted(filenames))
         return ready

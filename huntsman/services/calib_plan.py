@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from huntsman.config import CalibConfig, DetectorConfig
+from huntsman.models import IngestStatus, ObservationType
 from huntsman.store.calibs import Unit, days_between
 
 __all__ = ["RAW_PROJECTION", "Group", "RawFrame", "UnitPlan", "plan_unit", "rejection_reason", "units_of"]
@@ -127,43 +128,63 @@ def _metric(frame: RawFrame, name: str) -> float | None:
 
 def rejection_reason(frame: RawFrame, config: CalibConfig, detector: DetectorConfig) -> str | None:
     """Why a frame must not be used, or ``None`` if it may be."""
-    if frame.missing:
-        since = f" since {frame.missing_since:%Y-%m-%d %H:%M:%S} UTC" if frame.missing_since else ""
-        return f"raw file missing{since} (deleted or moved out of the raw tree)"
-    if frame.status != "ok":
-        return f"ingestion {frame.status or 'incomplete'}: {frame.error or 'no reason recorded'}"
-    if frame.calib_type in ("dark", "flat") and not (frame.exposure_time or 0) > 0:
-        return f"exposure time {frame.exposure_time!r} s is not positive"
-    if not frame.metrics:
-        return None  # metrics disabled at ingestion: nothing to judge by
+    reason = _record_reason(frame)
+    if reason is not None or not frame.metrics:
+        return reason  # no metrics (disabled at ingestion): nothing more to judge by
     median = _metric(frame, "clipped_median")
     if median is None:
         failed = (frame.metrics.get("failed") or {}).get("clipped_median", "not measured")
         return f"no pixel statistics: {failed}"
-    sources = _metric(frame, "n_sources")
-    if frame.calib_type == "bias":
+    if frame.calib_type == ObservationType.FLAT:
+        return _flat_reason(frame, median, config, detector)
+    if frame.calib_type in (ObservationType.BIAS, ObservationType.DARK):
+        return _bias_dark_reason(frame, config)
+    return None
+
+
+def _record_reason(frame: RawFrame) -> str | None:
+    """What the document alone rules out: a missing file, a failed ingestion, no exposure time."""
+    if frame.missing:
+        since = f" since {frame.missing_since:%Y-%m-%d %H:%M:%S} UTC" if frame.missing_since else ""
+        return f"raw file missing{since} (deleted or moved out of the raw tree)"
+    if frame.status != IngestStatus.OK:
+        return f"ingestion {frame.status or 'incomplete'}: {frame.error or 'no reason recorded'}"
+    exposed = frame.calib_type in (ObservationType.DARK, ObservationType.FLAT)
+    if exposed and not (frame.exposure_time or 0) > 0:
+        return f"exposure time {frame.exposure_time!r} s is not positive"
+    return None
+
+
+def _bias_dark_reason(frame: RawFrame, config: CalibConfig) -> str | None:
+    """A bias whose level is off, or a bias or dark with sources (light leak, stars)."""
+    if frame.calib_type == ObservationType.BIAS:
         offset = _metric(frame, "level_offset_adu")
         if offset is not None and abs(offset) > config.bias_max_level_offset_adu:
             return (f"bias level offset {offset:+.1f} ADU outside "
                     f"±{config.bias_max_level_offset_adu:g} ADU")
-    limit = config.max_sources_bias_dark
-    if frame.calib_type in ("bias", "dark") and sources is not None and sources > limit:
+    sources, limit = _metric(frame, "n_sources"), config.max_sources_bias_dark
+    if sources is not None and sources > limit:
         return f"{sources:.0f} sources detected (> {limit}): light leak or stars"
-    if frame.calib_type == "flat":
-        fraction = _metric(frame, "illumination_fraction")
-        if fraction is None:
-            fraction = median / detector.saturation_adu
-        if fraction < config.flat_min_illumination_fraction:
-            minimum = config.flat_min_illumination_fraction
-            return f"too faint: illumination {fraction:.3f} of saturation < {minimum:g}"
-        if fraction > config.flat_max_illumination_fraction:
-            return (f"near saturation: illumination {fraction:.3f} of saturation > "
-                    f"{config.flat_max_illumination_fraction:g}")
-        if sources is not None and sources > config.flat_max_sources:
-            return f"star-filled: {sources:.0f} sources > {config.flat_max_sources}"
-        elongation = _metric(frame, "elongation_trail")
-        if elongation is not None and elongation > config.flat_max_elongation:
-            return f"trailed: source elongation {elongation:.2f} > {config.flat_max_elongation:g}"
+    return None
+
+
+def _flat_reason(frame: RawFrame, median: float, config: CalibConfig, detector: DetectorConfig) -> str | None:
+    """A flat too faint, near saturation, star-filled or trailed."""
+    fraction = _metric(frame, "illumination_fraction")
+    if fraction is None:
+        fraction = median / detector.saturation_adu
+    if fraction < config.flat_min_illumination_fraction:
+        minimum = config.flat_min_illumination_fraction
+        return f"too faint: illumination {fraction:.3f} of saturation < {minimum:g}"
+    if fraction > config.flat_max_illumination_fraction:
+        return (f"near saturation: illumination {fraction:.3f} of saturation > "
+                f"{config.flat_max_illumination_fraction:g}")
+    sources = _metric(frame, "n_sources")
+    if sources is not None and sources > config.flat_max_sources:
+        return f"star-filled: {sources:.0f} sources > {config.flat_max_sources}"
+    elongation = _metric(frame, "elongation_trail")
+    if elongation is not None and elongation > config.flat_max_elongation:
+        return f"trailed: source elongation {elongation:.2f} > {config.flat_max_elongation:g}"
     return None
 
 
@@ -225,7 +246,8 @@ def plan_unit(
         for f in sorted(mine, key=lambda f: f.filename)
         if f.calib_date == unit.date and (reason := reasons[f.filename]) is not None
     )
-    low, high = config.frame_limits(unit.calib_type)
+    limits = config.frames.of(unit.calib_type)
+    low, high = limits.min, limits.max
     centre = dt.datetime.fromisoformat(unit.date).replace(hour=12, tzinfo=dt.UTC)
     tolerance = config.temperature_tolerance_c
     if unit.calib_type == "dark":

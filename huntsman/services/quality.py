@@ -37,7 +37,6 @@ from huntsman.config import DetectorConfig, PathsConfig, QCConfig
 from huntsman.logs import Logger
 from huntsman.models import (
     FINAL_WCS,
-    DetectorConstants,
     IngestStatus,
     ObservationType,
     QCStatus,
@@ -46,37 +45,16 @@ from huntsman.models import (
 )
 from huntsman.science.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
-from huntsman.science.refcat import CatalogueSpec
 from huntsman.services.disk import QC, DiskMonitor
 from huntsman.services.stage import Stage
 from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument
 from huntsman.store.exposures import ExposureCollection, ExposureDocument
 from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
-from huntsman.workers.qc import GradeThresholds, QCJob, QCOutcome, qc_frame
+from huntsman.workers.qc import QCJob, QCOutcome, qc_frame
 
-__all__ = ["QualityMonitor", "calibrated_path", "catalogue_spec"]
+__all__ = ["QualityMonitor", "calibrated_path"]
 
 _CALIB_FIELDS = tuple(f"qc.calibs.{t}" for t in CALIB_TYPES)
-
-
-def catalogue_spec(config: QCConfig) -> CatalogueSpec:
-    """The reference-catalogue columns and cuts of the ``qc`` config section."""
-    mag_range = None
-    if config.refcat_mag_min is not None and config.refcat_mag_max is not None:
-        mag_range = (config.refcat_mag_min, config.refcat_mag_max)
-    return CatalogueSpec(
-        format=config.refcat_format,
-        ra_column=config.refcat_ra_column,
-        dec_column=config.refcat_dec_column,
-        mag_columns=config.refcat_mag_columns,
-        err_columns=config.refcat_err_columns,
-        stellarity_column=config.refcat_stellarity_column,
-        min_stellarity=config.refcat_min_stellarity,
-        flags_column=config.refcat_flags_column,
-        flags_allowed=config.refcat_flags_allowed,
-        mag_range=mag_range,
-        min_separation_arcsec=config.refcat_min_separation_arcsec,
-    )
 
 
 def calibrated_path(calibrated_dir: Path, doc: ExposureDocument) -> Path:
@@ -124,8 +102,8 @@ class QualityMonitor:
         self.config = config
         self.paths = paths
         self._log = log.bind(component="quality")
-        self.detector = DetectorConstants(**detector.model_dump())
-        self.spec = catalogue_spec(config)
+        self.detector = detector
+        self.spec = config.refcat  # the catalogue spec, validated as the config section
         self.provenance = Provenance(__version__, config_hash(config))
         self.counts: Counter[str] = Counter()
         self.disk: DiskMonitor | None = None  # set by the application: pauses on a full disk
@@ -330,17 +308,10 @@ class QualityMonitor:
             filter_name=physical_filter,
             wcs_header=wcs.get("header") if solved else None,
             wcs_note=note,
-            refcat_path=str(c.refcat_path) if c.refcat_path is not None else None,
+            refcat_path=str(c.refcat.path) if c.refcat.path is not None else None,
             catalogue=self.spec,
             detector=self.detector,
-            grades=GradeThresholds(
-                fwhm_arcsec_good=c.grade_fwhm_arcsec_good,
-                fwhm_arcsec_bad=c.grade_fwhm_arcsec_bad,
-                zeropoint_drop_mag=c.grade_zeropoint_drop_mag,
-                nominal_zeropoint=nominal,
-                sky_mag_min=c.grade_sky_mag_min,
-                min_stars=c.grade_min_stars,
-            ),
+            grades=dataclasses.replace(c.grade, nominal_zeropoint=nominal),
             out_path=str(out) if out is not None else None,
             out_root=str(self.paths.calibrated_dir),
             provenance=self.provenance,

@@ -21,7 +21,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from huntsman.models import DetectorConstants, Grade, QCStatus
+from huntsman.models import DetectorConstants, Grade, GradeThresholds, QCStatus
 from huntsman.science.background import SkyBackground, estimate_background
 from huntsman.science.calibration import CalibratedFrame, calibrate, load_master
 from huntsman.science.fitsio import read_raw, write_fits_atomic
@@ -41,18 +41,6 @@ __all__ = [
     "grade",
     "qc_frame",
 ]
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class GradeThresholds:
-    """Limits that turn measurements into a grade and flags (see :func:`grade`)."""
-
-    fwhm_arcsec_good: float = 3.5
-    fwhm_arcsec_bad: float = 5.0
-    zeropoint_drop_mag: float = 0.5
-    nominal_zeropoint: float | None = None
-    sky_mag_min: float = 18.0
-    min_stars: int = 10
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QCJob:
@@ -302,7 +290,7 @@ def _measure_photometry(
     """Sky, zeropoint and depth into ``metrics`` (reasons into ``failed``)."""
     catalogue = None
     if job.refcat_path is None:
-        failed["zeropoint"] = "no reference catalogue configured (qc.refcat_path)"
+        failed["zeropoint"] = "no reference catalogue configured (qc.refcat.path)"
     elif wcs is not None:
         try:
             catalogue = load_catalogue(job.refcat_path, job.catalogue)
