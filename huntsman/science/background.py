@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import sep
+from numpy.typing import NDArray
 
 from huntsman.science.stats import subsample
 
@@ -31,7 +32,7 @@ BOX_PX = 64  # mesh size, px
 FILTER_SIZE = 3  # median filter over meshes
 
 
-def sep_background(image: np.ndarray, bad: np.ndarray | None = None) -> Any:
+def sep_background(image: NDArray[np.float32], bad: NDArray[np.bool_] | None = None) -> Any:
     """:class:`sep.Background` of a C-contiguous float32 ``image`` with the service's mesh.
 
     ``bad`` (bool, same shape) marks pixels the meshes ignore.
@@ -41,9 +42,9 @@ def sep_background(image: np.ndarray, bad: np.ndarray | None = None) -> Any:
 
 
 def detect(
-    sub: np.ndarray, threshold_sigma: float, rms: float, *, minarea: int = 5,
+    sub: NDArray[np.float32], threshold_sigma: float, rms: float, *, minarea: int = 5,
     deblend_cont: float | None = None,
-) -> np.ndarray:
+) -> NDArray[np.void]:
     """``sep.extract`` of a background-subtracted float32 frame at ``threshold_sigma``·``rms``.
 
     The pixel stack grows with the frame (a full 20 Mpx frame of a dense field overflows sep's
@@ -52,7 +53,7 @@ def detect(
     """
     sep.set_extract_pixstack(max(300_000, sub.size // 20))
     if deblend_cont is None:
-        cat: np.ndarray = sep.extract(sub, threshold_sigma, err=rms, minarea=minarea)
+        cat: NDArray[np.void] = sep.extract(sub, threshold_sigma, err=rms, minarea=minarea)
     else:
         cat = sep.extract(sub, threshold_sigma, err=rms, minarea=minarea,
                           deblend_cont=deblend_cont)
@@ -68,17 +69,19 @@ class SkyBackground:
     ``global_rms`` as ``background=`` and ``background_rms=``.
     """
 
-    image: np.ndarray  # the frame, float32, bad pixels 0 (aperture sums use local annuli)
-    sub: np.ndarray  # background-subtracted frame, float32, bad pixels 0 (centroiding)
-    back: np.ndarray  # background map, float32
-    rms: np.ndarray  # RMS map, float32
-    bad: np.ndarray  # bool, masked or non-finite
+    image: NDArray[np.float32]  # the frame, float32, bad pixels 0 (aperture sums use local annuli)
+    sub: NDArray[np.float32]  # background-subtracted frame, float32, bad pixels 0 (centroiding)
+    back: NDArray[np.float32]  # background map, float32
+    rms: NDArray[np.float32]  # RMS map, float32
+    bad: NDArray[np.bool_]  # bool, masked or non-finite
     sky_adu: float
     sky_rms_adu: float
     global_rms: float  # sep's global RMS of the unmasked pixels (a detection threshold)
 
 
-def estimate_background(data: np.ndarray, mask: np.ndarray | None) -> SkyBackground:
+def estimate_background(
+    data: NDArray[np.number[Any]], mask: NDArray[np.bool_ | np.integer[Any]] | None
+) -> SkyBackground:
     """Background (:func:`sep_background` over the unmasked, finite pixels) of a calibrated frame.
 
     Parameters

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
+from numpy.typing import NDArray
 
 from huntsman.science.fitsio import find_image_hdu
 
@@ -30,19 +32,19 @@ class CalibratedFrame:
         True for saturated, bad (master mask) and non-finite pixels.
     """
 
-    data: np.ndarray
-    mask: np.ndarray
+    data: NDArray[np.float32]
+    mask: NDArray[np.bool_]
 
 
 def calibrate(
-    raw: np.ndarray,
+    raw: NDArray[np.number[Any]],
     exptime_s: float,
-    bias: np.ndarray,
-    dark_rate: np.ndarray,
-    flat: np.ndarray,
+    bias: NDArray[np.floating[Any]],
+    dark_rate: NDArray[np.floating[Any]],
+    flat: NDArray[np.floating[Any]],
     *,
     saturation_adu: float,
-    bad_mask: np.ndarray | None = None,
+    bad_mask: NDArray[np.bool_ | np.integer[Any]] | None = None,
 ) -> CalibratedFrame:
     """Bias-, dark- and flat-correct a raw frame; no input is modified.
 
@@ -70,7 +72,7 @@ def calibrate(
     shape = raw.shape
     if raw.ndim != 2:
         raise ValueError(f"raw frame must be 2-D, got shape {shape}")
-    named = {"bias": bias, "dark_rate": dark_rate, "flat": flat}
+    named: dict[str, NDArray[np.generic]] = {"bias": bias, "dark_rate": dark_rate, "flat": flat}
     if bad_mask is not None:
         named["bad_mask"] = bad_mask
     for name, arr in named.items():
@@ -105,7 +107,7 @@ def calibrate(
 
 def load_master(
     path: str | Path, shape: tuple[int, int] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
     """A master's image (float32) and bad-pixel mask (bool), cut to the raw ``shape`` if given.
 
     Reads both the masters written by :mod:`huntsman.science.masters` (image in the primary

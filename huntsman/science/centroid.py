@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import sep
+from numpy.typing import NDArray
 from scipy.ndimage import uniform_filter
 
 __all__ = ["refine_positions"]
@@ -17,9 +18,10 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 def refine_positions(
-    sub: np.ndarray, bad: np.ndarray, x0: np.ndarray, y0: np.ndarray, search_px: float,
-    fwhm_px: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sub: NDArray[np.float32], bad: NDArray[np.bool_], x0: NDArray[np.float64],
+    y0: NDArray[np.float64], search_px: float, fwhm_px: float,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+
     """Brightest 3×3 spot within ``search_px`` of each prediction, then a windowed centroid.
 
     Parameters

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from numpy.typing import NDArray
 
 from huntsman.science.paths import write_atomic
 
@@ -40,7 +41,8 @@ def image_hdu_index(hdul: fits.HDUList) -> int:
     return index
 
 
-def read_raw(path: str | Path) -> tuple[np.ndarray, fits.Header]:
+def read_raw(path: str | Path) -> tuple[NDArray[np.float32], fits.Header]:
+
     """Read a raw frame as float32 ADU together with its header.
 
     Parameters

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
+from numpy.typing import NDArray
 
 from huntsman.science.fitsio import find_image_hdu
 from huntsman.values import finite_or_none
@@ -48,7 +49,8 @@ class RawFrame:
     """
 
     header: fits.Header
-    data: np.ndarray
+    data: NDArray[np.number[Any]]
+
     hdu_index: int
     n_hdus: int
     warnings: tuple[str, ...]

@@ -26,8 +26,10 @@ convolution, an instrument constant, slightly rounds the image of a sub-2-px sta
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 
 from huntsman.science.background import detect, sep_background
@@ -40,8 +42,11 @@ _BETA_MIN, _BETA_MAX = 1.2, 20.0
 _QUAD_ORDER = 3
 _HALF_FWHM = 1.5
 
+#: Quadrature over one pixel: node offsets u, v (px) and weights, each shape (K,).
+_Nodes = tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]
 
-def _gauss_legendre_pixel(order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def _gauss_legendre_pixel(order: int) -> _Nodes:
     """Nodes (u, v) in [-0.5, 0.5]^2 and weights (summing to 1) integrating over one pixel."""
     x, w = np.polynomial.legendre.leggauss(order)
     u, v = np.meshgrid(x / 2.0, x / 2.0)
@@ -96,14 +101,14 @@ class PSFResult:
 
 
 def image_fwhm(
-    fwhm_major_px: np.ndarray | float,
-    beta: np.ndarray | float,
-    axis_ratio: np.ndarray | float = 1.0,
-    theta_deg: np.ndarray | float = 0.0,
+    fwhm_major_px: NDArray[np.float64] | float,
+    beta: NDArray[np.float64] | float,
+    axis_ratio: NDArray[np.float64] | float = 1.0,
+    theta_deg: NDArray[np.float64] | float = 0.0,
     *,
     n_angles: int = 16,
     quad_order: int = 6,
-) -> np.ndarray:
+) -> NDArray[np.float64]:
     """Image FWHM of pixel-integrated elliptical Moffat profiles (vectorised).
 
     Parameters
@@ -146,11 +151,11 @@ def image_fwhm(
     bet = be[:, None, None]
     u, v, w = _gauss_legendre_pixel(quad_order)
 
-    def profile(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def profile(x: NDArray[np.float64], y: NDArray[np.float64]) -> NDArray[np.float64]:
         dx = x[..., None] + u
         dy = y[..., None] + v
         qq = a_c * dx * dx + 2.0 * b_c * dx * dy + c_c * dy * dy
-        out: np.ndarray = np.exp(-bet * np.log1p(qq)) @ w
+        out: NDArray[np.float64] = np.exp(-bet * np.log1p(qq)) @ w
         return out
 
     phi = (np.arange(n_angles) + 0.5) * np.pi / n_angles
@@ -165,7 +170,7 @@ def image_fwhm(
         lo = np.where(above, mid, lo)
         hi = np.where(above, hi, mid)
     r = 0.5 * (lo + hi)
-    result: np.ndarray = 2.0 * np.sqrt(np.mean(r * r, axis=1))
+    result: NDArray[np.float64] = 2.0 * np.sqrt(np.mean(r * r, axis=1))
     return result
 
 
@@ -188,14 +193,14 @@ def true_image_fwhm(
 
 @dataclasses.dataclass(frozen=True)
 class _Stamps:
-    data: np.ndarray  # (S, P) pixel values minus background, ADU
-    dx: np.ndarray  # (P,) pixel-centre offsets from the stamp centre, px
-    dy: np.ndarray  # (P,)
+    data: NDArray[np.float64]  # (S, P) pixel values minus background, ADU
+    dx: NDArray[np.float64]  # (P,) pixel-centre offsets from the stamp centre, px
+    dy: NDArray[np.float64]  # (P,)
 
 
 def _model(
-    p: np.ndarray, st: _Stamps, nodes: tuple[np.ndarray, np.ndarray, np.ndarray], jac: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
+    p: NDArray[np.float64], st: _Stamps, nodes: _Nodes, jac: bool
+) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
     """Model (S, P) and optionally Jacobian (S, P, 8) for parameter array p (S, 8)."""
     u, v, w = nodes
     flux, x0, y0, a, b, c, beta, sky = (p[:, i, None, None] for i in range(_N_PARAMS))
@@ -235,21 +240,22 @@ def _model(
     return model, j
 
 
-def _valid(p: np.ndarray) -> np.ndarray:
+def _valid(p: NDArray[np.float64]) -> NDArray[np.bool_]:
     a, b, c, beta = p[:, 3], p[:, 4], p[:, 5], p[:, 6]
-    return (
+    ok: NDArray[np.bool_] = (
         (a > 0) & (c > 0) & (a * c - b * b > 0) & (beta > _BETA_MIN) & (beta < _BETA_MAX)
         & (p[:, 0] > 0) & np.all(np.isfinite(p), axis=1)
     )
+    return ok
 
 
 def _levenberg_marquardt(
-    p0: np.ndarray,
+    p0: NDArray[np.float64],
     st: _Stamps,
-    inv_sigma: np.ndarray,
-    nodes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    inv_sigma: NDArray[np.float64],
+    nodes: _Nodes,
     n_iter: int,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Minimise sum(((data - model) * inv_sigma)^2) per star; returns (params, chi2)."""
     p = p0.copy()
     lam = np.full(p.shape[0], 1e-3)
@@ -293,8 +299,8 @@ def _levenberg_marquardt(
 
 
 def _as_background(
-    value: np.ndarray | float | None, data: np.ndarray
-) -> tuple[np.ndarray | float, float | None]:
+    value: NDArray[np.floating[Any]] | float | None, data: NDArray[np.float32]
+) -> tuple[NDArray[np.float32] | float, float | None]:
     if value is None:
         return 0.0, None
     if np.ndim(value) == 0:
@@ -315,9 +321,9 @@ def _empty(reason: str, grid: tuple[int, int], n_candidates: int = 0) -> PSFResu
 
 
 def _spread_over_grid(
-    x: np.ndarray, y: np.ndarray, flux: np.ndarray, shape: tuple[int, int],
+    x: NDArray[np.float64], y: NDArray[np.float64], flux: NDArray[np.float64], shape: tuple[int, int],
     grid: tuple[int, int], max_stars: int,
-) -> np.ndarray:
+) -> NDArray[np.intp]:
     """Indices of up to ``max_stars`` sources, brightest first within each grid cell."""
     ny, nx = shape
     cell = (np.minimum(y * grid[0] // ny, grid[0] - 1) * grid[1]
@@ -334,9 +340,9 @@ def _spread_over_grid(
 
 
 def measure_psf(
-    data: np.ndarray,
+    data: NDArray[np.number[Any]],
     *,
-    background: np.ndarray | float | None = None,
+    background: NDArray[np.floating[Any]] | float | None = None,
     background_rms: float | None = None,
     saturation_adu: float,
     gain_e_per_adu: float,
@@ -346,7 +352,7 @@ def measure_psf(
     detect_sigma: float = 5.0,
     min_snr: float = 30.0,
     max_peak_fraction: float = 0.9,
-    catalogue: np.ndarray | None = None,
+    catalogue: NDArray[np.void] | None = None,
     n_iter: int = 25,
 ) -> PSFResult:
     """Median PSF of a frame from elliptical Moffat fits to isolated, unsaturated stars.
@@ -395,7 +401,7 @@ def measure_psf(
         img = np.where(np.isfinite(img), img, np.float32(0.0))
     if background is None or background_rms is None:
         bkg = sep_background(np.ascontiguousarray(img))
-        back: np.ndarray | float = bkg.back() if background is None else background
+        back: NDArray[np.floating[Any]] | float = bkg.back() if background is None else background
         rms = float(bkg.globalrms) if background_rms is None else float(background_rms)
     else:
         back, rms = background, float(background_rms)
@@ -481,7 +487,8 @@ def measure_psf(
 
 
 def _summarise(
-    p: np.ndarray, chi2: np.ndarray, stamps: _Stamps, x: np.ndarray, y: np.ndarray,
+    p: NDArray[np.float64], chi2: NDArray[np.float64], stamps: _Stamps, x: NDArray[np.float64],
+    y: NDArray[np.float64],
     shape: tuple[int, int], grid: tuple[int, int], pixel_scale_arcsec: float | None,
     n_candidates: int,
 ) -> PSFResult:
@@ -506,9 +513,9 @@ def _summarise(
     # Robust 3-sigma clip of the per-star image FWHM (blends, residual cosmic rays).
     keep = np.ones(sel.size, dtype=bool)
     for _ in range(3):
-        med = np.median(fw[keep])
-        mad = mad_std(fw[keep], med)
-        new = np.abs(fw - med) <= max(3.0 * mad, 0.02 * med)
+        centre = np.median(fw[keep])
+        mad = mad_std(fw[keep], centre)
+        new = np.abs(fw - centre) <= max(3.0 * mad, 0.02 * centre)
         if np.array_equal(new, keep):
             break
         keep = new
@@ -539,7 +546,7 @@ def _summarise(
     )
 
 
-def _mean_ellipticity(axis_ratio: np.ndarray, theta_deg: np.ndarray) -> float:
+def _mean_ellipticity(axis_ratio: NDArray[np.float64], theta_deg: NDArray[np.float64]) -> float:
     """``1 - b/a`` of the median shape, from the medians of the two shape components.
 
     The median of per-star ``1 - b/a`` is biased high by noise (it cannot be negative: round

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from astropy.wcs import WCS
+from numpy.typing import ArrayLike, NDArray
 from scipy.spatial import cKDTree
 
 from huntsman.models import CatalogueSpec
@@ -45,10 +46,10 @@ class RefCatalogue:
     All arrays have shape ``(n,)`` and are read-only; missing values are NaN.
     """
 
-    ra: np.ndarray
-    dec: np.ndarray
-    mags: Mapping[str, np.ndarray]
-    mag_errs: Mapping[str, np.ndarray]
+    ra: NDArray[np.float64]
+    dec: NDArray[np.float64]
+    mags: Mapping[str, NDArray[np.float64]]
+    mag_errs: Mapping[str, NDArray[np.float64]]
 
     def __len__(self) -> int:
         return int(self.ra.size)
@@ -58,7 +59,7 @@ class RefCatalogue:
         """Filters with magnitudes."""
         return tuple(sorted(self.mags))
 
-    def mag(self, filter_name: str) -> np.ndarray:
+    def mag(self, filter_name: str) -> NDArray[np.float64]:
         """Magnitudes in ``filter_name``; ``KeyError`` naming the available filters."""
         try:
             return self.mags[filter_name]
@@ -68,12 +69,12 @@ class RefCatalogue:
                 f"(available: {', '.join(self.filters) or 'none'})"
             ) from None
 
-    def mag_err(self, filter_name: str) -> np.ndarray:
+    def mag_err(self, filter_name: str) -> NDArray[np.float64]:
         """Magnitude errors in ``filter_name`` (NaN where unknown)."""
         err = self.mag_errs.get(filter_name)
         return err if err is not None else _frozen(np.full(len(self), np.nan))
 
-    def take(self, index: np.ndarray) -> RefCatalogue:
+    def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> RefCatalogue:
         """A new catalogue with the rows selected by an index or boolean array."""
         return _make_catalogue(
             self.ra[index],
@@ -83,17 +84,17 @@ class RefCatalogue:
         )
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
+def _frozen(a: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
     out = np.array(a, dtype=np.float64, copy=True)
     out.flags.writeable = False
     return out
 
 
 def _make_catalogue(
-    ra: np.ndarray,
-    dec: np.ndarray,
-    mags: Mapping[str, np.ndarray],
-    errs: Mapping[str, np.ndarray],
+    ra: NDArray[np.floating[Any]],
+    dec: NDArray[np.floating[Any]],
+    mags: Mapping[str, NDArray[np.floating[Any]]],
+    errs: Mapping[str, NDArray[np.floating[Any]]],
 ) -> RefCatalogue:
     return RefCatalogue(
         ra=_frozen(ra),
@@ -124,7 +125,7 @@ def _missing_columns_error(path: Path, missing: list[str], available: Sequence[s
     )
 
 
-def _read_csv(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
+def _read_csv(path: Path, columns: list[str]) -> dict[str, NDArray[np.float64]]:
     with path.open(newline="") as fh:
         reader = csv.reader(fh)
         try:
@@ -144,14 +145,14 @@ def _read_csv(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
     return {c: np.asarray(v, dtype=np.float64) for c, v in zip(columns, values, strict=True)}
 
 
-def _read_fits(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
+def _read_fits(path: Path, columns: list[str]) -> dict[str, NDArray[np.float64]]:
     from astropy.table import Table
 
     table = Table.read(path, format="fits")
     missing = [c for c in columns if c not in table.colnames]
     if missing:
         raise _missing_columns_error(path, missing, table.colnames)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, NDArray[np.float64]] = {}
     for c in columns:
         col = table[c]
         data = np.ma.getdata(col).astype(np.float64)
@@ -160,7 +161,9 @@ def _read_fits(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _isolated(ra: np.ndarray, dec: np.ndarray, min_sep_arcsec: float) -> np.ndarray:
+def _isolated(
+    ra: NDArray[np.float64], dec: NDArray[np.float64], min_sep_arcsec: float
+) -> NDArray[np.bool_]:
     """True for rows with no other row within ``min_sep_arcsec``."""
     ok = np.isfinite(ra) & np.isfinite(dec)
     result = np.zeros(ra.size, dtype=bool)
@@ -253,23 +256,29 @@ def clear_catalogue_cache() -> None:
 # Geometry
 
 
-def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+def _unit_vectors(
+    ra_deg: NDArray[np.floating[Any]], dec_deg: NDArray[np.floating[Any]]
+) -> NDArray[np.float64]:
     ra, dec = np.deg2rad(ra_deg), np.deg2rad(dec_deg)
     cd = np.cos(dec)
     return np.column_stack([cd * np.cos(ra), cd * np.sin(ra), np.sin(dec)])
 
 
-def _angular_sep_deg(ra1: Any, dec1: Any, ra2: Any, dec2: Any) -> np.ndarray:
+def _angular_sep_deg(
+    ra1: ArrayLike, dec1: ArrayLike, ra2: ArrayLike, dec2: ArrayLike
+) -> NDArray[np.float64]:
     """Great-circle separation (deg), Vincenty formula (stable at all separations)."""
     l1, b1, l2, b2 = (np.deg2rad(np.asarray(v, dtype=float)) for v in (ra1, dec1, ra2, dec2))
     dl = l2 - l1
     num = np.hypot(np.cos(b2) * np.sin(dl), np.cos(b1) * np.sin(b2) - np.sin(b1) * np.cos(b2)
                    * np.cos(dl))
     den = np.sin(b1) * np.sin(b2) + np.cos(b1) * np.cos(b2) * np.cos(dl)
-    return np.rad2deg(np.arctan2(num, den))
+    out: NDArray[np.float64] = np.rad2deg(np.arctan2(num, den))
+    return out
 
 
-def project(cat: RefCatalogue, wcs: WCS) -> tuple[np.ndarray, np.ndarray]:
+
+def project(cat: RefCatalogue, wcs: WCS) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Pixel positions (0-based, x then y; shape ``(n,)`` each) of catalogue stars.
 
     Uses the full WCS (including SIP); stars where the inverse transform fails get NaN.
@@ -340,9 +349,9 @@ def _pixel_scale_deg(wcs: WCS) -> float:
 class Match:
     """One-to-one pairs: ``ref_index[k]`` ↔ ``src_index[k]`` at ``sep_arcsec[k]`` (shape (m,))."""
 
-    ref_index: np.ndarray
-    src_index: np.ndarray
-    sep_arcsec: np.ndarray
+    ref_index: NDArray[np.intp]
+    src_index: NDArray[np.intp]
+    sep_arcsec: NDArray[np.float64]
 
     def __len__(self) -> int:
         return int(self.ref_index.size)
@@ -358,10 +367,10 @@ class AstrometricResidual:
 
 
 def match_sources(
-    ref_ra: np.ndarray,
-    ref_dec: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
+    ref_ra: NDArray[np.floating[Any]],
+    ref_dec: NDArray[np.floating[Any]],
+    x: NDArray[np.floating[Any]],
+    y: NDArray[np.floating[Any]],
     wcs: WCS,
     max_sep_arcsec: float,
 ) -> Match:

@@ -12,16 +12,24 @@ re-sort, no copy).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 __all__ = ["MAD_TO_SIGMA", "clipped_rows", "mad_std"]
 
 #: σ of a normal distribution per unit median absolute deviation, 1 / Φ⁻¹(3/4).
 MAD_TO_SIGMA = 1.482602218505602
 
+_Values = NDArray[np.floating[Any]]  # float32 or float64, the caller's precision is kept
+_Index = NDArray[np.intp]  # row numbers and positions within sorted rows
 
-def mad_std(values: np.ndarray, center: float | np.floating | None = None) -> float:
+
+
+def mad_std(
+    values: NDArray[np.floating[Any]], center: float | np.floating[Any] | None = None
+) -> float:
     """``MAD_TO_SIGMA · median(|values − center|)``, the centre being the median by default.
 
     Parameters
@@ -36,8 +44,8 @@ def mad_std(values: np.ndarray, center: float | np.floating | None = None) -> fl
 
 
 def _bisect(
-    pred: Callable[[np.ndarray, np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray
-) -> np.ndarray:
+    pred: Callable[[_Index, _Index], NDArray[np.bool_]], lo: _Index, hi: _Index
+) -> _Index:
     """Per row, the first ``j`` in ``[lo, hi)`` with ``pred(rows, j)`` true, else ``hi``.
 
     ``pred`` must be monotone (False then True) along each row; it is called with the indices
@@ -54,18 +62,18 @@ def _bisect(
     return lo
 
 
-def _sorted_median(v: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _sorted_median(v: _Values, rows: _Index, lo: _Index, hi: _Index) -> _Values:
     """``np.median`` of ``v[rows, lo:hi]`` for rows sorted ascending (non-empty intervals)."""
     k = hi - lo
     a = v[rows, lo + (k - 1) // 2]
     b = v[rows, lo + k // 2]
-    out: np.ndarray = (a + b) / 2  # same rounding as np.median (mean of the middle pair)
+    out: _Values = (a + b) / 2  # same rounding as np.median (mean of the middle pair)
     return out
 
 
 def _sorted_mad(
-    v: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, med: np.ndarray
-) -> np.ndarray:
+    v: _Values, rows: _Index, lo: _Index, hi: _Index, med: _Values
+) -> _Values:
     """``np.median(np.abs(v[rows, lo:hi] - med))`` for rows sorted ascending.
 
     The deviations left of the median and right of it are two sorted sequences; their k-th
@@ -74,20 +82,20 @@ def _sorted_mad(
     p = _bisect(lambda a, j: v[rows[a], j] - med[a] >= 0, lo, hi)
     n_left, n_right = p - lo, hi - p
 
-    def left(a: np.ndarray, t: np.ndarray) -> np.ndarray:  # t-th smallest deviation on the left
-        out: np.ndarray = -(v[rows[a], p[a] - 1 - t] - med[a])
+    def left(a: _Index, t: _Index) -> _Values:  # t-th smallest deviation on the left
+        out: _Values = -(v[rows[a], p[a] - 1 - t] - med[a])
         return out
 
-    def right(a: np.ndarray, t: np.ndarray) -> np.ndarray:
-        out: np.ndarray = v[rows[a], p[a] + t] - med[a]
+    def right(a: _Index, t: _Index) -> _Values:
+        out: _Values = v[rows[a], p[a] + t] - med[a]
         return out
 
-    def kth(q: np.ndarray) -> np.ndarray:
+    def kth(q: _Index) -> _Values:
         # i = how many of the q+1 smallest deviations lie on the left.
         i_lo = np.maximum(0, q + 1 - n_right)
         i_hi = np.minimum(q + 1, n_left)
 
-        def enough(a: np.ndarray, i: np.ndarray) -> np.ndarray:
+        def enough(a: _Index, i: _Index) -> NDArray[np.bool_]:
             j = q[a] + 1 - i
             few = (i < n_left[a]) & (j > 0)
             f = np.flatnonzero(few)
@@ -105,14 +113,13 @@ def _sorted_mad(
         return out
 
     k = hi - lo
-    out: np.ndarray = (kth((k - 1) // 2) + kth(k // 2)) / 2
+    out: _Values = (kth((k - 1) // 2) + kth(k // 2)) / 2
     return out
 
 
 def _kept_interval(
-    v: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, med: np.ndarray,
-    thr: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+    v: _Values, rows: _Index, lo: _Index, hi: _Index, med: _Values, thr: _Values,
+) -> tuple[_Index, _Index]:
     """The part ``[new_lo, new_hi)`` of sorted ``v[rows, lo:hi]`` with ``|v - med| <= thr``."""
     new_lo = _bisect(lambda a, j: v[rows[a], j] - med[a] >= -thr[a], lo, hi)
     new_hi = _bisect(lambda a, j: v[rows[a], j] - med[a] > thr[a], lo, hi)
@@ -120,8 +127,8 @@ def _kept_interval(
 
 
 def clipped_rows(
-    values: np.ndarray, valid: np.ndarray, nsigma: float, iters: int = 5
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    values: _Values, valid: NDArray[np.bool_], nsigma: float, iters: int = 5
+) -> tuple[NDArray[np.float64], NDArray[np.float64], _Index]:
     """Median and mean after iterative MAD clipping of the ``valid`` values of every row.
 
     Per row: drop non-finite and invalid values; then at most ``iters`` times, stopping when
