@@ -36,11 +36,12 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
+from numpy.typing import NDArray
 
 from huntsman.models import WcsStatus
 
@@ -61,6 +62,10 @@ __all__ = [
 ]
 
 DEFAULT_INDEX_DIR = "/usr/share/astrometry"
+
+#: A source list: 0-based pixel x, y and background-subtracted flux (ADU), each shape (n,).
+_XYFlux = tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]
+
 
 # Keywords that describe a celestial WCS (including SIP) in a solve-field .wcs header.
 _WCS_KEY = re.compile(
@@ -185,12 +190,12 @@ def available(index_dirs: Sequence[str | Path] = (DEFAULT_INDEX_DIR,)) -> tuple[
 
 
 def extract_sources(
-    data: np.ndarray,
+    data: NDArray[np.number[Any]],
     *,
     threshold_sigma: float = 5.0,
     min_area_px: int = 5,
     max_sources: int | None = 2000,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> _XYFlux:
     """Detect point sources with ``sep`` after subtracting a smooth background.
 
     Background and detection are :mod:`huntsman.science.background`'s (the service's one mesh
@@ -241,9 +246,9 @@ def extract_sources(
 
 def _write_xylist(
     path: Path,
-    x: np.ndarray,
-    y: np.ndarray,
-    flux: np.ndarray,
+    x: NDArray[np.float64],
+    y: NDArray[np.float64],
+    flux: NDArray[np.float64],
     downsample: int,
     max_sources: int,
 ) -> int:
@@ -365,7 +370,8 @@ def _separation_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> floa
 
 def solve_field(
     image_shape: tuple[int, int],
-    sources: tuple[np.ndarray, np.ndarray, np.ndarray],
+    sources: _XYFlux,
+
     *,
     hint_ra_deg: float | None = None,
     hint_dec_deg: float | None = None,

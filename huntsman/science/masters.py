@@ -21,9 +21,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
+from numpy.typing import NDArray
 
 from huntsman.science.fitsio import image_hdu_index, write_fits_atomic
 from huntsman.science.provenance import Provenance, stamp_header
@@ -111,7 +113,7 @@ def _first_header(path: str | Path) -> fits.Header:
         return hdul[image_hdu_index(hdul)].header.copy()
 
 
-def _robust(image: np.ndarray) -> tuple[float, float]:
+def _robust(image: NDArray[np.floating[Any]]) -> tuple[float, float]:
     sample = subsample(image)
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
@@ -123,15 +125,15 @@ def _robust(image: np.ndarray) -> tuple[float, float]:
 def _write_master(
     calib_type: str,
     unit: str,
-    image: np.ndarray,
+    image: NDArray[np.floating[Any]],
     combined: CombineResult,
-    mask: np.ndarray,
+    mask: NDArray[np.uint8],
     paths: Sequence[str | Path],
     out_path: str | Path,
     params: MasterParams,
     provenance: Provenance,
     masters: dict[str, str],
-    uncertainty: np.ndarray | None = None,
+    uncertainty: NDArray[np.floating[Any]] | None = None,
 ) -> MasterResult:
     used = [p for p, f in zip(paths, combined.frame_valid_fraction, strict=True) if f > 0]
     header = fits.Header()
@@ -184,7 +186,7 @@ def _check_inputs(paths: Sequence[str | Path], exptimes: Sequence[float] | None)
             raise ValueError("exposure times must be positive")
 
 
-def _nodata_mask(combined: CombineResult) -> np.ndarray:
+def _nodata_mask(combined: CombineResult) -> NDArray[np.uint8]:
     mask = np.zeros(combined.data.shape, dtype=np.uint8)
     mask[combined.n_used == 0] = MASK_NODATA
     return mask

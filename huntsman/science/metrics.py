@@ -53,9 +53,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from huntsman.models import DetectorConstants, ObservationType
 from huntsman.science.background import detect, sep_background
@@ -65,6 +66,9 @@ from huntsman.science.stats import BasicStats, basic_stats, subsample
 __all__ = ["OBSERVATION_TYPES", "MetricParams", "MetricsResult", "compute_metrics"]
 
 Scalar = float | int | bool | None
+#: What a metric function returns before :func:`_plain` makes it a :data:`Scalar`.
+Measured = float | int | np.number[Any] | np.bool_ | None
+_T = TypeVar("_T")
 OBSERVATION_TYPES: Final = tuple(ObservationType)
 _FLIP_CAP_SIGMA: Final = 5.0
 _MIN_SIGMA_ADU: Final = 0.5  # floor for thresholds: raw ADU are integers
@@ -121,7 +125,7 @@ class _MetricError(Exception):
     """A metric that cannot be computed for a stated reason."""
 
 
-def _plain(value: Any) -> Scalar:
+def _plain(value: Measured) -> Scalar:
     """Convert to a plain Python scalar; non-finite numbers are a failure."""
     if value is None:
         return None
@@ -138,12 +142,12 @@ def _plain(value: Any) -> Scalar:
 class _Frame:
     """Shared intermediate products, each computed once; a failure is cached and re-raised."""
 
-    def __init__(self, data: np.ndarray, params: MetricParams) -> None:
+    def __init__(self, data: NDArray[np.number[Any]], params: MetricParams) -> None:
         self.data = data
         self.params = params
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[str, object] = {}
 
-    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+    def _once(self, key: str, make: Callable[[], _T]) -> _T:
         if key not in self._cache:
             try:
                 self._cache[key] = make()
@@ -152,17 +156,16 @@ class _Frame:
         value = self._cache[key]
         if isinstance(value, Exception):
             raise _MetricError(f"{key}: {value}") from value
-        return value
+        return cast(_T, value)  # what make() returned for this key
 
-    def float32(self) -> np.ndarray:
-        def make() -> np.ndarray:
+    def float32(self) -> NDArray[np.float32]:
+        def make() -> NDArray[np.float32]:
             arr = np.ascontiguousarray(self.data, dtype=np.float32)
             if self.data.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 raise ValueError("frame has non-finite pixels")
             return arr
 
-        result: np.ndarray = self._once("float32", make)
-        return result
+        return self._once("float32", make)
 
     def stats(self) -> BasicStats:
         result: BasicStats = self._once(
@@ -176,12 +179,14 @@ class _Frame:
     def background(self) -> Any:
         return self._once("background", lambda: sep_background(self.float32()))
 
-    def back_array(self) -> np.ndarray:
-        result: np.ndarray = self._once("background_map", lambda: self.background().back())
+    def back_array(self) -> NDArray[np.float32]:
+        result: NDArray[np.float32] = self._once(
+            "background_map", lambda: self.background().back()
+        )
         return result
 
-    def catalogue(self) -> np.ndarray:
-        def make() -> np.ndarray:
+    def catalogue(self) -> NDArray[np.void]:
+        def make() -> NDArray[np.void]:
             bkg = self.background()
             rms = float(bkg.globalrms)
             if not rms > 0:
@@ -189,8 +194,7 @@ class _Frame:
             sub = self.float32() - self.back_array()
             return detect(sub, self.params.detect_sigma, rms, minarea=5)
 
-        result: np.ndarray = self._once("detection", make)
-        return result
+        return self._once("detection", make)
 
     def psf(self) -> PSFResult:
         def make() -> PSFResult:
@@ -317,7 +321,7 @@ def _expected_noise_adu(frame: _Frame, dark: bool) -> float:
     return math.sqrt(p.detector.read_noise_e**2 + dark_e) / p.detector.gain_e_per_adu
 
 
-def _block_medians(frame: _Frame) -> np.ndarray:
+def _block_medians(frame: _Frame) -> NDArray[np.float64]:
     gy, gx = frame.params.gradient_grid
     sample = subsample(frame.data).astype(np.float64)
     ny, nx = sample.shape
@@ -340,7 +344,7 @@ def _illumination_level(frame: _Frame) -> float:
     return float(np.median(subsample(frame.float32())))
 
 
-MetricFn = Callable[[_Frame], Any]
+MetricFn = Callable[[_Frame], Measured]
 
 _ALL: list[tuple[str, MetricFn]] = [
     ("clipped_mean", lambda f: f.stats().clipped_mean),
@@ -409,7 +413,7 @@ def metric_names(observation_type: str) -> tuple[str, ...]:
 
 
 def compute_metrics(
-    data: np.ndarray, observation_type: str, *, params: MetricParams
+    data: NDArray[np.number[Any]], observation_type: str, *, params: MetricParams
 ) -> MetricsResult:
     """All quality metrics of one raw frame.
 

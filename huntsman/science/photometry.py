@@ -50,11 +50,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import sep
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
+from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 
 from huntsman.science.background import SkyBackground, estimate_background
@@ -234,26 +236,28 @@ def limiting_flux_5sigma(
 class _Stars:
     """Per-star measurements, all arrays of shape (n,)."""
 
-    x: np.ndarray
-    y: np.ndarray
-    mag: np.ndarray
-    mag_err: np.ndarray
-    ra: np.ndarray
-    dec: np.ndarray
-    bkg_local: np.ndarray
-    bkg_mean: np.ndarray
-    f_ap: np.ndarray
-    var_ap: np.ndarray
-    f_depth: np.ndarray
-    f_tot: np.ndarray
-    var_tot: np.ndarray
-    usable: np.ndarray  # unsaturated, unmasked, isolated, good background (zeropoint aperture)
-    usable_tot: np.ndarray  # same for the total aperture, plus isolation out to the annulus
+    x: NDArray[np.float64]
+    y: NDArray[np.float64]
+    mag: NDArray[np.float64]
+    mag_err: NDArray[np.float64]
+    ra: NDArray[np.float64]
+    dec: NDArray[np.float64]
+    bkg_local: NDArray[np.float64]
+    bkg_mean: NDArray[np.float64]
+    f_ap: NDArray[np.float64]
+    var_ap: NDArray[np.float64]
+    f_depth: NDArray[np.float64]
+    f_tot: NDArray[np.float64]
+    var_tot: NDArray[np.float64]
+    usable: NDArray[np.bool_]  # unsaturated, unmasked, isolated, good background (zeropoint aperture)
+    usable_tot: NDArray[np.bool_]  # same for the total aperture, plus isolation out to the annulus
 
 
 def _measure_stars(
-    bg: SkyBackground, data: np.ndarray, cat: RefCatalogue, x0: np.ndarray, y0: np.ndarray,
-    filter_name: str, fwhm_px: float, search_px: float, gain: float, p: PhotometryParams,
+    bg: SkyBackground, data: NDArray[np.number[Any]], cat: RefCatalogue,
+    x0: NDArray[np.float64], y0: NDArray[np.float64], filter_name: str, fwhm_px: float,
+    search_px: float, gain: float, p: PhotometryParams,
+
 ) -> _Stars:
     ny, nx = bg.sub.shape
     r_ap = p.aperture_fwhm_factor * fwhm_px
@@ -310,7 +314,7 @@ def _measure_stars(
     clean_tot &= (r_tot <= xw) & (xw <= nx - 1 - r_tot) & (r_tot <= yw) & (yw <= ny - 1 - r_tot)
     good_bkg = np.isfinite(bkg_local) & (n_ann >= 0.4 * ann_area)
 
-    def aperture(radius: float) -> tuple[np.ndarray, np.ndarray]:
+    def aperture(radius: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         area = math.pi * radius**2
         s, _, _ = sep.sum_circle(bg.image, xw, yw, radius, subpix=0)
         f = np.asarray(s, float) - bkg_local * area
@@ -343,9 +347,9 @@ _TEMPLATE_SLACK = math.sqrt(0.5) + 1e-6
 
 
 def _template_pixels(
-    xc: np.ndarray, yc: np.ndarray, x: np.ndarray, y: np.ndarray, ox: np.ndarray,
-    oy: np.ndarray, shape: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    xc: NDArray[np.intp], yc: NDArray[np.intp], x: NDArray[np.float64], y: NDArray[np.float64],
+    ox: NDArray[np.intp], oy: NDArray[np.intp], shape: tuple[int, int],
+) -> tuple[NDArray[np.intp], NDArray[np.bool_], NDArray[np.float64]]:
     """Flat pixel index, in-frame flag and distance, shape (n, m), of the offsets per star."""
     ny, nx = shape
     gx = xc[:, None] + ox
@@ -357,9 +361,9 @@ def _template_pixels(
 
 
 def annulus_background(
-    image: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, r_in: float,
-    r_out: float, nsigma: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    image: NDArray[np.floating[Any]], bad: NDArray[np.bool_], x: NDArray[np.float64],
+    y: NDArray[np.float64], r_in: float, r_out: float, nsigma: float,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """Sigma-clipped (MAD σ) median and mean of each star's annulus, and its pixel count.
 
     A pixel belongs to the annulus when its centre lies within ``r_in <= r <= r_out`` of
@@ -413,7 +417,7 @@ def annulus_background(
     return median, mean, count
 
 
-def _ring_growth(d_flux: np.ndarray, f_ap: np.ndarray, clip: float) -> float:
+def _ring_growth(d_flux: NDArray[np.float64], f_ap: NDArray[np.float64], clip: float) -> float:
     """Robust least-squares slope of ring flux against aperture flux (through the origin).
 
     Sky-limited ring fluxes have about the same noise (ADU) for every star, so the slope
@@ -479,7 +483,7 @@ def _aperture_correction(
 
 
 def _combine_zeropoint(
-    zp: np.ndarray, sig: np.ndarray, clip: float
+    zp: NDArray[np.float64], sig: NDArray[np.float64], clip: float
 ) -> tuple[float, float, int]:
     """Clipped inverse-variance weighted mean of per-star zeropoints, its error (Birge-scaled)."""
     keep = np.isfinite(zp) & np.isfinite(sig) & (sig > 0)
@@ -506,8 +510,8 @@ def _combine_zeropoint(
 
 
 def measure_photometry(
-    data: np.ndarray,
-    mask: np.ndarray | None,
+    data: NDArray[np.number[Any]],
+    mask: NDArray[np.bool_ | np.integer[Any]] | None,
     *,
     exptime_s: float,
     wcs: WCS | None,

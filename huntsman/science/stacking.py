@@ -45,10 +45,11 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from astropy.io import fits
+from numpy.typing import NDArray
 
 from huntsman.science.fitsio import image_hdu_index
 
@@ -78,7 +79,12 @@ _BLOCK_PIXELS = 1 << 17
 # Interpreter, numpy and astropy already resident before the first band is read.
 _BASELINE_MB = 160
 
-FrameTransform = Callable[[np.ndarray, int, slice], np.ndarray]
+_F32 = NDArray[np.float32]  # frame bands and stacks (the clipping works in float32)
+_F64 = NDArray[np.float64]  # per-pixel sums, centres and per-frame corrections
+_Index = NDArray[np.intp]  # pixel numbers and positions in the sorted stack
+_Flags = NDArray[np.bool_]
+
+FrameTransform = Callable[[_F32, int, slice], NDArray[np.floating[Any]]]
 
 
 @runtime_checkable
@@ -95,16 +101,22 @@ class FrameSource(Protocol):
         """(ny, nx) of the frame."""
         ...
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
+    def read_rows(self, start: int, stop: int) -> _F32:
         """Rows ``start:stop`` as a new float32 array of shape (stop - start, nx)."""
         ...
+
+
+#: What a combination takes as a frame or a master: a FITS path, a 2-D array or a source.
+FrameInput = str | Path | NDArray[np.number[Any]] | FrameSource
+#: A per-frame value: one for every frame, or one per frame.
+PerFrame = float | Sequence[float] | NDArray[np.floating[Any]]
 
 
 @dataclasses.dataclass(frozen=True)
 class ArrayFrameSource:
     """An in-memory 2-D array as a frame source (tests, masters already in memory)."""
 
-    array: np.ndarray
+    array: NDArray[np.number[Any]]
     label: str = "<array>"
 
     def __post_init__(self) -> None:
@@ -119,7 +131,7 @@ class ArrayFrameSource:
     def shape(self) -> tuple[int, int]:
         return (int(self.array.shape[0]), int(self.array.shape[1]))
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
+    def read_rows(self, start: int, stop: int) -> _F32:
         return np.array(self.array[start:stop], dtype=np.float32)
 
 
@@ -162,7 +174,7 @@ class FitsFrameSource:
     def shape(self) -> tuple[int, int]:
         return self._shape
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
+    def read_rows(self, start: int, stop: int) -> _F32:
         ny, nx = self._shape
         if not 0 <= start <= stop <= ny:
             raise IndexError(f"{self._path}: rows {start}:{stop} outside 0:{ny}")
@@ -187,7 +199,7 @@ class FitsFrameSource:
         return out
 
 
-def as_source(item: str | Path | np.ndarray | FrameSource, label: str | None = None) -> FrameSource:
+def as_source(item: FrameInput, label: str | None = None) -> FrameSource:
     """Wrap a path or a 2-D array as a :class:`FrameSource` (sources pass through)."""
     if isinstance(item, str | Path):
         return FitsFrameSource(item)
@@ -264,9 +276,9 @@ class CombineResult:
         The band layout used.
     """
 
-    data: np.ndarray
-    uncertainty: np.ndarray
-    n_used: np.ndarray
+    data: NDArray[np.floating[Any]]
+    uncertainty: _F32
+    n_used: NDArray[np.uint16]
     frame_valid_fraction: tuple[float, ...]
     names: tuple[str, ...]
     plan: BandPlan
@@ -276,8 +288,7 @@ class CombineResult:
         return len(self.names)
 
 
-def _per_frame(values: float | Sequence[float] | np.ndarray | None, n: int, what: str,
-               default: float) -> np.ndarray:
+def _per_frame(values: PerFrame | None, n: int, what: str, default: float) -> _F64:
     if values is None:
         return np.full(n, default, dtype=np.float64)
     arr = np.asarray(values, dtype=np.float64)
@@ -288,22 +299,22 @@ def _per_frame(values: float | Sequence[float] | np.ndarray | None, n: int, what
     return arr
 
 
-def _round_up_f32(x: np.ndarray) -> np.ndarray:
+def _round_up_f32(x: _F64) -> _F32:
     """Smallest float32 >= x, so that ``f32 < x`` is the same test as ``f32 < result``."""
     r = x.astype(np.float32)
     np.nextafter(r, np.float32(np.inf), out=r, where=r < x)
     return r
 
 
-def _round_down_f32(x: np.ndarray) -> np.ndarray:
+def _round_down_f32(x: _F64) -> _F32:
     """Largest float32 <= x, so that ``f32 <= x`` is the same test as ``f32 <= result``."""
     r = x.astype(np.float32)
     np.nextafter(r, np.float32(-np.inf), out=r, where=r > x)
     return r
 
 
-def _walk_lo(flat: np.ndarray, npix: int, n_frames: int, pix: np.ndarray, start: np.ndarray,
-             lower: np.ndarray, first: np.ndarray) -> np.ndarray:
+def _walk_lo(flat: _F32, npix: int, n_frames: int, pix: _Index, start: _Index,
+             lower: _F32, first: _Flags) -> _Index:
     """Number of sorted values below ``lower`` per pixel, or ``start`` if that is larger.
 
     ``first`` is ``value[start] < lower``.  Values are sorted ascending (NaN last) along the
@@ -321,8 +332,8 @@ def _walk_lo(flat: np.ndarray, npix: int, n_frames: int, pix: np.ndarray, start:
     return new
 
 
-def _walk_hi(flat: np.ndarray, npix: int, pix: np.ndarray, start: np.ndarray,
-             upper: np.ndarray, first: np.ndarray) -> np.ndarray:
+def _walk_hi(flat: _F32, npix: int, pix: _Index, start: _Index,
+             upper: _F32, first: _Flags) -> _Index:
     """Number of sorted values ``<= upper`` per pixel, or ``start`` if that is smaller.
 
     ``first`` is ``not value[start - 1] <= upper`` (True where a step down is needed).
@@ -340,19 +351,19 @@ def _walk_hi(flat: np.ndarray, npix: int, pix: np.ndarray, start: np.ndarray,
 
 
 def _median_of(
-    flat: np.ndarray, npix: int, idx: np.ndarray, start: np.ndarray, m: np.ndarray
-) -> np.ndarray:
+    flat: _F32, npix: int, idx: _Index, start: _Index, m: _Index
+) -> _F64:
     """Median of the ``m`` sorted values from ``start`` of pixels ``idx`` (NaN where m == 0)."""
     a = flat[(start + np.maximum(m - 1, 0) // 2) * npix + idx].astype(np.float64)
     b = flat[(start + m // 2) * npix + idx]
     with np.errstate(invalid="ignore"):
-        med: np.ndarray = np.where(m > 0, 0.5 * (a + b), np.nan)
+        med: _F64 = np.where(m > 0, 0.5 * (a + b), np.nan)
     return med
 
 
 def _initial_state(
-    stack: np.ndarray,
-) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    stack: _F32,
+) -> tuple[_Index, int, _F64, _F64, _F64, _F64]:
     """Sort ``stack`` in place; valid counts, minimum count, median, and sums about it.
 
     Returns ``(n_valid, min_valid, ref, ref_finite, s1, s2)``: sums of the deviations (and
@@ -390,12 +401,12 @@ def _initial_state(
 
 
 def _clip_band(
-    stack: np.ndarray,
+    stack: _F32,
     sigma_lower: float,
     sigma_upper: float,
     maxiters: int,
     median_centre: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[_F64, _F64, _Index]:
     """Clip and average a block stack in place.
 
     Parameters
@@ -415,8 +426,8 @@ def _clip_band(
 
     lo = np.zeros(npix, dtype=np.intp)
     hi = n_valid
-    active: np.ndarray | None = None  # None: every pixel of the block
-    centre: np.ndarray | None = ref if median_centre else None
+    active: _Index | None = None  # None: every pixel of the block
+    centre: _F64 | None = ref if median_centre else None
     for _ in range(maxiters):
         if active is None:
             cur_lo, cur_hi, act_pix = lo, hi, pix
@@ -470,9 +481,9 @@ def _clip_band(
 
 
 def _first_steps(
-    stack: np.ndarray, whole_rows: bool, act_pix: np.ndarray, cur_lo: np.ndarray,
-    cur_hi: np.ndarray, lower: np.ndarray, upper: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+    stack: _F32, whole_rows: bool, act_pix: _Index, cur_lo: _Index,
+    cur_hi: _Index, lower: _F32, upper: _F32,
+) -> tuple[_Flags, _Flags]:
     """Whether the lowest (highest) kept value of each active pixel falls outside the interval.
 
     ``whole_rows``: every pixel is active and has every frame valid, so the first and last
@@ -491,7 +502,7 @@ def _first_steps(
 
 
 def sigma_clipped_combine(
-    paths_or_loaders: Sequence[str | Path | np.ndarray | FrameSource],
+    paths_or_loaders: Sequence[FrameInput],
     *,
     sigma: float = 3.0,
     sigma_lower: float | None = None,
@@ -499,14 +510,14 @@ def sigma_clipped_combine(
     maxiters: int = 3,
     cenfunc: str = "median",
     stdfunc: str = "std",
-    scales: float | Sequence[float] | np.ndarray | None = None,
-    offsets: float | Sequence[float] | np.ndarray | None = None,
-    bias: str | Path | np.ndarray | FrameSource | None = None,
-    dark_rate: str | Path | np.ndarray | FrameSource | None = None,
-    exptimes: float | Sequence[float] | np.ndarray | None = None,
+    scales: PerFrame | None = None,
+    offsets: PerFrame | None = None,
+    bias: FrameInput | None = None,
+    dark_rate: FrameInput | None = None,
+    exptimes: PerFrame | None = None,
     transform: FrameTransform | None = None,
     memory_limit_mb: float = 1024,
-    dtype: type[np.floating] | np.dtype = np.float32,
+    dtype: type[np.floating[Any]] | np.dtype[np.floating[Any]] = np.float32,
     io_threads: int = 2,
     threads: int | None = None,
 ) -> CombineResult:
@@ -593,9 +604,9 @@ def _check_clipping(cenfunc: str, stdfunc: str, maxiters: int) -> None:
 
 
 def _open_sources(
-    items: Sequence[str | Path | np.ndarray | FrameSource],
-    bias: str | Path | np.ndarray | FrameSource | None,
-    dark_rate: str | Path | np.ndarray | FrameSource | None,
+    items: Sequence[FrameInput],
+    bias: FrameInput | None,
+    dark_rate: FrameInput | None,
 ) -> tuple[list[FrameSource], FrameSource | None, FrameSource | None]:
     """The frames and masters as sources, all checked to have the first frame's shape."""
     if not items:
@@ -619,13 +630,13 @@ def _open_sources(
 class _Corrections:
     """Per-frame corrections ``(raw - bias - dark·t - offset) / scale``, then ``transform``."""
 
-    scales: np.ndarray
-    offsets: np.ndarray
-    exptimes: np.ndarray
+    scales: _F64
+    offsets: _F64
+    exptimes: _F64
     transform: FrameTransform | None
 
-    def apply(self, band: np.ndarray, i: int, rows: slice, mbias: np.ndarray | None,
-              mdark: np.ndarray | None, name: str) -> np.ndarray:
+    def apply(self, band: _F32, i: int, rows: slice, mbias: _F32 | None,
+              mdark: _F32 | None, name: str) -> _F32:
         """Correct frame ``i``'s float32 ``band`` (in place where it can) and return it."""
         if mbias is not None:
             band -= mbias
@@ -643,7 +654,7 @@ class _Corrections:
         return band
 
 
-_Block = tuple[slice, np.ndarray]
+_Block = tuple[slice, _F32]
 
 
 class _BandCombiner:
@@ -652,7 +663,7 @@ class _BandCombiner:
     def __init__(
         self, sources: list[FrameSource], bias_src: FrameSource | None,
         dark_src: FrameSource | None, corrections: _Corrections, plan: BandPlan,
-        dtype: type[np.floating] | np.dtype, clipping: tuple[float, float, int, bool],
+        dtype: type[np.floating[Any]] | np.dtype[np.floating[Any]], clipping: tuple[float, float, int, bool],
     ) -> None:
         self.sources, self.bias_src, self.dark_src = sources, bias_src, dark_src
         self.corrections, self.plan, self.clipping = corrections, plan, clipping
@@ -671,7 +682,7 @@ class _BandCombiner:
         self.buffers = [np.empty(self.n * plan.rows_per_band * nx, dtype=np.float32)
                         for _ in range(min(2, len(self.bands)))]
 
-    def band_blocks(self, rows: slice, buffer: np.ndarray) -> list[_Block]:
+    def band_blocks(self, rows: slice, buffer: _F32) -> list[_Block]:
         """Row blocks of a band: (rows in the band, C-contiguous (n, pixels) stack view)."""
         n, nx = self.n, self.nx
         height = rows.stop - rows.start
@@ -683,7 +694,7 @@ class _BandCombiner:
         return blocks
 
     def read_frame(self, i: int, rows: slice, blocks: list[_Block],
-                   masters: tuple[np.ndarray | None, np.ndarray | None]) -> int:
+                   masters: tuple[_F32 | None, _F32 | None]) -> int:
         band = self.sources[i].read_rows(rows.start, rows.stop)
         band = self.corrections.apply(band, i, rows, *masters, self.sources[i].name)
         finite = np.isfinite(band)
@@ -695,7 +706,7 @@ class _BandCombiner:
         return n_ok
 
     def load_band(self, pool: ThreadPoolExecutor, rows: slice,
-                  buffer: np.ndarray) -> tuple[list[_Block], list[Future[int]]]:
+                  buffer: _F32) -> tuple[list[_Block], list[Future[int]]]:
         bias_src, dark_src = self.bias_src, self.dark_src
         mbias = None if bias_src is None else bias_src.read_rows(rows.start, rows.stop)
         mdark = None if dark_src is None else dark_src.read_rows(rows.start, rows.stop)
@@ -704,7 +715,7 @@ class _BandCombiner:
                    for i in range(self.n)]
         return blocks, futures
 
-    def clip_block(self, rows: slice, block: slice, stack: np.ndarray) -> None:
+    def clip_block(self, rows: slice, block: slice, stack: _F32) -> None:
         mean, sem, n_used = _clip_band(stack, *self.clipping)
         out_rows = slice(rows.start + block.start, rows.start + block.stop)
         height = block.stop - block.start

@@ -127,6 +127,8 @@ class HuntsmanTranslator(FitsTranslator):
     def to_datetime_end(self) -> Time:
         return self.to_datetime_begin() + self.to_exposure_time()
 
+    # The base class declares str; a header without a usable FILTER has no filter, and
+    # ObservationInfo stores None for it.
     @cache_translation
     def to_physical_filter(self) -> str | None:  # type: ignore[override]
         value = self._header.get("FILTER")
@@ -185,6 +187,7 @@ class HuntsmanTranslator(FitsTranslator):
     def to_detector_exposure_id(self) -> int:
         return self.to_exposure_id()
 
+    # The base class declares str; Huntsman headers carry no programme (ObservationInfo: None).
     @cache_translation
     def to_science_program(self) -> str | None:  # type: ignore[override]
         return None
@@ -197,6 +200,7 @@ class HuntsmanTranslator(FitsTranslator):
     def to_pressure(self) -> None:
         return None
 
+    # The base class declares float; Huntsman headers carry no humidity (ObservationInfo: None).
     @cache_translation
     def to_relative_humidity(self) -> None:  # type: ignore[override]
         return None
