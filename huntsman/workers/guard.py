@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["JobRaised", "call_guarded", "describe_exception"]
 
+_T = TypeVar("_T")
 _MAX_REASON = 2000
 _MAX_TRACEBACK = 8000
 
@@ -38,7 +39,7 @@ class JobRaised:
     traceback: str
 
 
-def call_guarded(fn: Callable[..., Any], *args: Any) -> Any:
+def call_guarded(fn: Callable[..., _T], *args: Any) -> _T | JobRaised:
     """``fn(*args)``, or a :class:`JobRaised` for anything it raises (``MemoryError`` included).
 
     ``BaseException`` is caught too: a job's ``SystemExit`` must not end the worker or, sent

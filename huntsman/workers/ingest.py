@@ -11,10 +11,13 @@ import contextlib
 import datetime as dt
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
+from numpy.typing import NDArray
 
 from huntsman.models import IngestParams, IngestResult
 from huntsman.science.frames import FrameError, header_to_dict, read_frame, salvage_header
@@ -31,7 +34,9 @@ from huntsman.workers.guard import describe_exception
 __all__ = ["ingest_file", "standard_fields"]
 
 
-def standard_fields(header: Any, filename: str, params: IngestParams) -> dict[str, Any]:
+def standard_fields(
+    header: Mapping[str, Any], filename: str, params: IngestParams
+) -> dict[str, Any]:
     """The data-contract fields of an exposure document from its header."""
     info = translate(header, filename)
     # Guaranteed by translate()'s required properties.
@@ -65,7 +70,9 @@ def standard_fields(header: Any, filename: str, params: IngestParams) -> dict[st
     return fields
 
 
-def _metrics(data: np.ndarray, fields: dict[str, Any], params: IngestParams) -> dict[str, Any]:
+def _metrics(
+    data: NDArray[np.number[Any]], fields: dict[str, Any], params: IngestParams
+) -> dict[str, Any]:
     """Every per-frame metric; each one that fails is listed under ``failed`` with its reason."""
     metric_params = MetricParams(detector=params.detector, exptime_s=fields.get("exposure_time"))
     result = compute_metrics(data, fields["observation_type"], params=metric_params).to_dict()
@@ -162,7 +169,9 @@ def _check_path(path: str, raw_root: str | None) -> os.stat_result:
     return st
 
 
-def _partial_fields(header: Any, path: str, params: IngestParams) -> dict[str, Any]:
+def _partial_fields(
+    header: Mapping[str, Any], path: str, params: IngestParams
+) -> dict[str, Any]:
     """As many standard fields as a damaged file's header still gives."""
     try:
         return standard_fields(header, path, params)
@@ -184,7 +193,7 @@ def _partial_fields(header: Any, path: str, params: IngestParams) -> dict[str, A
     return fields
 
 
-def _salvage(path: str, reason: str) -> Any:
+def _salvage(path: str, reason: str) -> fits.Header | None:
     """The readable cards of a file astropy refused, so its document says what it can."""
     if reason.startswith(("file vanished", "symlink", "dangling", "not a regular", "path is")):
         return None

@@ -20,6 +20,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
+from numpy.typing import NDArray
 
 from huntsman.models import DetectorConstants, Grade, GradeThresholds, QCStatus
 from huntsman.science.background import SkyBackground, estimate_background
@@ -171,7 +172,8 @@ def _phot_metrics(r: PhotometryResult) -> dict[str, Any]:
 
 
 def _write_calibrated(
-    path: str, data: np.ndarray, mask: np.ndarray, raw_header: fits.Header, wcs: WCS | None,
+    path: str, data: NDArray[np.float32], mask: NDArray[np.bool_], raw_header: fits.Header,
+    wcs: WCS | None,
     raw_path: str, job: QCJob,
 ) -> str:
     header = raw_header.copy()
@@ -246,7 +248,9 @@ def _qc(path: str, job: QCJob, start: float) -> QCOutcome:
 
 
 def _calibrated(
-    raw: np.ndarray, masters: list[tuple[np.ndarray, np.ndarray]], job: QCJob
+    raw: NDArray[np.float32], masters: list[tuple[NDArray[np.float32], NDArray[np.bool_]]],
+    job: QCJob,
+
 ) -> CalibratedFrame:
     """The calibrated frame, its mask the union of the masters' and the low/NaN flat pixels."""
     (bias, bias_bad), (dark, dark_bad), (flat, flat_bad) = masters
