@@ -173,8 +173,7 @@ def _phot_metrics(r: PhotometryResult) -> dict[str, Any]:
 
 def _write_calibrated(
     path: str, data: NDArray[np.float32], mask: NDArray[np.bool_], raw_header: fits.Header,
-    wcs: WCS | None,
-    raw_path: str, job: QCJob,
+    wcs: WCS | None, raw_path: str, job: QCJob,
 ) -> str:
     header = raw_header.copy()
     for key in ("BZERO", "BSCALE", "BLANK"):
@@ -250,8 +249,8 @@ def _qc(path: str, job: QCJob, start: float) -> QCOutcome:
 def _calibrated(
     raw: NDArray[np.float32], masters: list[tuple[NDArray[np.float32], NDArray[np.bool_]]],
     job: QCJob,
-
 ) -> CalibratedFrame:
+
     """The calibrated frame, its mask the union of the masters' and the low/NaN flat pixels."""
     (bias, bias_bad), (dark, dark_bad), (flat, flat_bad) = masters
     masters.clear()  # the caller's list is ours: the masks below are freed as they are used
