@@ -95,7 +95,10 @@ class QualityMonitor:
         detector: DetectorConfig,
         paths: PathsConfig,
         log: Logger,
+        *,
+        sweeps: bool = True,
     ) -> None:
+        """``sweeps=False``: a command's private monitor, which measures only what it is given."""
         self.exposures = exposures
         self.calibs = calibs
         self.pool = pool
@@ -107,11 +110,14 @@ class QualityMonitor:
         self.provenance = Provenance(__version__, config_hash(config))
         self.counts: Counter[str] = Counter()
         self.disk: DiskMonitor | None = None  # set by the application: pauses on a full disk
+        # The last exception of a frame whose measurement crashed (counted as ``crashed``):
+        # the stage logs it and goes on; a command re-raises it once the others are done.
+        self.last_crash: Exception | None = None
         self.stage: Stage[str, QCRequest, QCStatus] = Stage(
-            "qc", self._measure, key=_filename, queue_size=config.queue_size,
+            "qc", self._measure_or_record, key=_filename, queue_size=config.queue_size,
             concurrency=config.concurrency, log=self._log, before=self._writable,
-            sweep=self._needing, sweep_interval_s=config.sweep_interval_s, counts=self.counts,
-            key_field="filename",
+            sweep=self._needing if sweeps else None, sweep_interval_s=config.sweep_interval_s,
+            counts=self.counts, key_field="filename",
         )
 
     @property
@@ -198,6 +204,14 @@ class QualityMonitor:
         failed ``max_tries`` times, or being processed already: then it is measured once
         more afterwards)."""
         return await self.stage.process(QCRequest(filename, force))
+
+    async def _measure_or_record(self, request: QCRequest) -> QCStatus | None:
+        try:
+            return await self._measure(request)
+        except Exception as exc:  # a bug or a database error: the stage logs it, the frame waits
+            self.counts["crashed"] += 1
+            self.last_crash = exc
+            raise
 
     async def _measure(self, request: QCRequest) -> QCStatus | None:
         filename, force = request.filename, request.force
