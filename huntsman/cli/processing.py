@@ -232,13 +232,12 @@ async def _measure_all(
 
     stage = monitor.stage
     bar = Progress(len(names), "qc")
+    reported: set[str] = set()
 
     async def measured(name: str, status: QCStatus) -> None:
         reported.add(name)
         results[status] = results.get(status, 0) + 1
         print(f"{status:<15} {name}")
-
-    reported: set[str] = set()
 
     stage.add_listener(measured)
     # Each frame is bounded by its job's timeout and its document write's retry deadline.
@@ -261,7 +260,7 @@ async def _measure_all(
         pass
     finally:
         bar.close()
-    if finished and monitor.last_crash is None:  # nothing done: no outcome for the listener
+    if finished and monitor.last_crash is None:  # no outcome told: nothing was done to it
         for name in names:
             if name not in reported:
                 results["unchanged"] = results.get("unchanged", 0) + 1
