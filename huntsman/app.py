@@ -97,11 +97,12 @@ def make_calib_service(config: Config, database: Database, pool: ComputePool, lo
 
 
 def make_quality_monitor(
-    config: Config, database: Database, pool: ComputePool, log: Logger
+    config: Config, database: Database, pool: ComputePool, log: Logger, *, sweeps: bool = True
 ) -> QualityMonitor:
+    """``sweeps=False`` for a command: it measures the frames it is given, and no others."""
     return QualityMonitor(
         database.exposures, calib_repository(config, database), pool, config.qc, config.detector,
-        config.paths, log,
+        config.paths, log, sweeps=sweeps,
     )
 
 

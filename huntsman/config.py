@@ -8,10 +8,12 @@ sections joined the same way (``HUNTSMAN_QC__REFCAT__PATH``, ``HUNTSMAN_CALIB__F
 
 Sections shaped like the science take the science records themselves: ``detector`` is
 :class:`~huntsman.models.DetectorConstants`, ``qc.refcat`` a :class:`~huntsman.models.CatalogueSpec`
-(plus the file's path), ``qc.grade`` a :class:`~huntsman.models.GradeThresholds` (pydantic
+(plus the file's path), ``qc.grade`` a :class:`~huntsman.models.GradeThresholds`, ``calib.stack`` a
+:class:`~huntsman.models.MasterParams` (pydantic
 dataclasses, light on imports: loading the config pulls in no astropy), so no adapter copies
 fields.  The flat keys of earlier versions
-(``qc.refcat_path``, ``qc.grade_min_stars``, ``calib.min_frames_bias``, ...) are still read with
+(``qc.refcat_path``, ``qc.grade_min_stars``, ``calib.min_frames_bias``, ``calib.sigma``,
+``calib.hot_pixel_sigma``, ...) are still read with
 a :class:`ConfigDeprecationWarning` naming the new key, except ``qc.refcat_mag_min``/``_max``,
 refused with a one-line error naming ``qc.refcat.mag_range``.
 """
@@ -41,7 +43,13 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from huntsman.models import CatalogueSpec, DetectorConstants, GradeThresholds, ObservationType
+from huntsman.models import (
+    CatalogueSpec,
+    DetectorConstants,
+    GradeThresholds,
+    MasterParams,
+    ObservationType,
+)
 
 __all__ = [
     "Config",
@@ -90,8 +98,12 @@ _RENAMED: dict[str, dict[str, tuple[str, ...]]] = {
         )},
     },
     "calib": {
-        f"{bound}_frames_{kind}": ("frames", kind, bound)
-        for kind in ("bias", "dark", "flat") for bound in ("min", "max")
+        **{f"{bound}_frames_{kind}": ("frames", kind, bound)
+           for kind in ("bias", "dark", "flat") for bound in ("min", "max")},
+        **{old: ("stack", new) for old, new in (
+            ("sigma", "sigma"), ("maxiters", "maxiters"), ("memory_limit_mb", "memory_limit_mb"),
+            ("hot_pixel_sigma", "hot_sigma"), ("dead_pixel_fraction", "dead_fraction"),
+        )},
     },
 }
 # Old keys whose value changed shape (two numbers became one pair): refused, naming the new key.
@@ -244,7 +256,7 @@ class LoggingConfig(_Section):
 
 
 # Address space of an idle worker with the science stack imported is ~0.3 GB; a master build
-# uses calib.memory_limit_mb on top of it.
+# uses calib.stack.memory_limit_mb on top of it.
 _WORKER_BASELINE_MB = 512
 
 
@@ -344,11 +356,7 @@ class CalibConfig(_Section):
     flat_max_illumination_fraction: float = Field(0.8, ge=0, le=1)
     flat_max_sources: int = Field(500, ge=0)
     flat_max_elongation: float = Field(1.5, ge=1)
-    sigma: float = Field(3.0, gt=0)
-    maxiters: int = Field(3, ge=0)
-    memory_limit_mb: float = Field(1024.0, gt=0)
-    hot_pixel_sigma: float = Field(5.0, gt=0)
-    dead_pixel_fraction: float = Field(0.5, gt=0, lt=1)
+    stack: MasterParams = MasterParams()  # the science record itself: clipping, memory, masks
     job_timeout_s: float = Field(900.0, gt=0)
 
     @model_validator(mode="before")
@@ -541,10 +549,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _master_fits_in_a_worker(self) -> Config:
-        cap, stack = self.pool.worker_memory_mb, self.calib.memory_limit_mb
+        cap, stack = self.pool.worker_memory_mb, self.calib.stack.memory_limit_mb
         if cap and stack + _WORKER_BASELINE_MB > cap:
             raise ValueError(
-                f"pool.worker_memory_mb ({cap}) must be at least calib.memory_limit_mb ({stack:g}) "
+                f"pool.worker_memory_mb ({cap}) must be at least calib.stack.memory_limit_mb ({stack:g}) "
                 f"+ {_WORKER_BASELINE_MB} MB for the worker itself (or 0 for no cap)"
             )
         return self

@@ -26,6 +26,7 @@ __all__ = [
     "IngestRequest",
     "IngestResult",
     "IngestStatus",
+    "MasterParams",
     "ObservationType",
     "QCStatus",
     "WcsStatus",
@@ -229,6 +230,37 @@ class GradeThresholds:
         if self.fwhm_arcsec_good >= self.fwhm_arcsec_bad:
             raise ValueError("fwhm_arcsec_good must be below fwhm_arcsec_bad")
         return self
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class MasterParams:
+    """Parameters of master building (all explicit; hashed into the provenance by callers).
+
+    A pydantic dataclass: the ``calib.stack`` config section validates it directly.
+
+    Attributes
+    ----------
+    sigma, maxiters : float, int
+        Sigma clipping of the stack (the original pipeline used 3σ, 3 iterations).
+    memory_limit_mb : float
+        Memory ceiling of the streamed combination.
+    hot_sigma : float
+        A dark pixel is hot if its rate exceeds the median by this many robust std.
+    dead_fraction : float
+        A flat pixel is dead/cold if its normalised response is below this.
+    flat_region_fraction : float
+        Side fraction of the central region whose median normalises each flat frame.
+    io_threads : int
+        Threads reading frames while the previous band is clipped.
+    """
+
+    sigma: Annotated[float, Field(gt=0)] = 3.0
+    maxiters: Annotated[int, Field(ge=0)] = 3
+    memory_limit_mb: Annotated[float, Field(gt=0)] = 1024.0
+    hot_sigma: Annotated[float, Field(gt=0)] = 5.0
+    dead_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    flat_region_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    io_threads: Annotated[int, Field(ge=1)] = 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -162,7 +162,7 @@ def _frame(raw: Path, name: str, kind: str, camera: str, physical_filter: str, s
 def hostile_config(tmp_path: Path, mongo_uri: str, db_name: str) -> Config:
     return make_config(
         tmp_path, mongo_uri, db_name, CALIB__FRAMES__BIAS__MIN=2, CALIB__FRAMES__DARK__MIN=2,
-        CALIB__FRAMES__FLAT__MIN=2, CALIB__WINDOW_DAYS=0, CALIB__MEMORY_LIMIT_MB=200,
+        CALIB__FRAMES__FLAT__MIN=2, CALIB__WINDOW_DAYS=0, CALIB__STACK__MEMORY_LIMIT_MB=200,
         ASTROMETRY__ENABLED="false",
     )
 

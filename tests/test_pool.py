@@ -148,7 +148,7 @@ async def test_no_cap_when_zero(pool: ComputePool) -> None:
 
 
 def test_master_budget_must_fit_under_the_worker_cap(tmp_path: Path) -> None:
-    env = {"HUNTSMAN_POOL__WORKER_MEMORY_MB": "1024", "HUNTSMAN_CALIB__MEMORY_LIMIT_MB": "1024"}
+    env = {"HUNTSMAN_POOL__WORKER_MEMORY_MB": "1024", "HUNTSMAN_CALIB__STACK__MEMORY_LIMIT_MB": "1024"}
     with pytest.raises(ConfigError, match=r"pool\.worker_memory_mb \(1024\) must be at least"):
         load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path)
     env["HUNTSMAN_POOL__WORKER_MEMORY_MB"] = "0"  # no cap

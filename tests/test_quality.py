@@ -205,7 +205,7 @@ CAMERA = "TESTCAM01"
 def qc_config(tmp_path: Path, mongo_uri: str, db_name: str) -> Config:
     return make_config(
         tmp_path, mongo_uri, db_name, CALIB__FRAMES__BIAS__MIN=3, CALIB__FRAMES__DARK__MIN=3,
-        CALIB__FRAMES__FLAT__MIN=3, CALIB__WINDOW_DAYS=0, CALIB__MEMORY_LIMIT_MB=300,
+        CALIB__FRAMES__FLAT__MIN=3, CALIB__WINDOW_DAYS=0, CALIB__STACK__MEMORY_LIMIT_MB=300,
         ASTROMETRY__ENABLED="false",
     )
 

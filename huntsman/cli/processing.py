@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from huntsman.cli.exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from huntsman.cli.progress import Progress
@@ -21,11 +22,14 @@ from huntsman.cli.reprocess import rerun
 from huntsman.cli.selection import CALIB_TYPES, Selection
 from huntsman.config import Config
 from huntsman.logs import get_logger
-from huntsman.models import FileSource, IngestRequest, utcnow
+from huntsman.models import FileSource, IngestRequest, QCStatus, utcnow
 from huntsman.science.offline import configure_offline_astropy
 from huntsman.science.paths import is_inside
 from huntsman.services.watcher import is_candidate
 from huntsman.store.database import open_database
+
+if TYPE_CHECKING:
+    from huntsman.services.quality import QualityMonitor
 
 # The service's parts (huntsman.app, the ingestor) import the whole science stack: they are
 # imported by the commands that use them, so that `status`, `check` and `export` start fast.
@@ -192,7 +196,8 @@ async def qc(config: Config, args: argparse.Namespace) -> int:
         await database.ensure_indexes()
         pool = make_pool(config, log)
         try:
-            monitor = make_quality_monitor(config, database, pool, log)
+            # Its own monitor, without sweeps: only the selected frames are measured.
+            monitor = make_quality_monitor(config, database, pool, log, sweeps=False)
             names = sorted([
                 d["filename"]
                 async for d in database.exposures.find(
@@ -200,27 +205,67 @@ async def qc(config: Config, args: argparse.Namespace) -> int:
                 )
                 if selection.matches(d["filename"])
             ])
-            bar = Progress(len(names), "qc")
-
-            async def one(name: str) -> None:
-                status = await monitor.process(name) or "unchanged"
-                results[status] = results.get(status, 0) + 1
-                bar.advance()
-                print(f"{status:<15} {name}")
-
-            try:
-                await asyncio.gather(*(one(n) for n in names))
-            finally:
-                bar.close()
+            finished, budget_s = await _measure_all(monitor, names, config, results)
         finally:
             await pool.shutdown(1.0)
     if not names:
         print(f"huntsman: no ingested science frames match {selection.describe() or 'at all'}",
               file=sys.stderr)
         return EXIT_FAILURE
+    if monitor.last_crash is not None:
+        raise monitor.last_crash  # as before the stage: a database error is exit 4, a bug a traceback
+    if not finished:
+        print(f"huntsman: qc did not finish within {budget_s:.0f} s", file=sys.stderr)
+        return EXIT_FAILURE
     summary = ", ".join(f"{n} {k}" for k, n in sorted(results.items()))
     print(f"{len(names)} science frames: {summary}")
     return EXIT_FAILURE if results.get("failed") else EXIT_OK
+
+
+async def _measure_all(
+    monitor: QualityMonitor, names: list[str], config: Config, results: dict[str, int]
+) -> tuple[bool, float]:
+    """Offer ``names`` to the monitor's stage and join it with a deadline; one line per frame
+    (its new ``qc.status``, or ``unchanged``), counted in ``results``.  Returns whether all
+    finished, and the deadline."""
+    from huntsman.services.quality import QCRequest
+
+    stage = monitor.stage
+    bar = Progress(len(names), "qc")
+    reported: set[str] = set()
+
+    async def measured(name: str, status: QCStatus) -> None:
+        reported.add(name)
+        results[status] = results.get(status, 0) + 1
+        print(f"{status:<15} {name}")
+
+    stage.add_listener(measured)
+    # Each frame is bounded by its job's timeout and its document write's retry deadline.
+    rounds = -(-len(names) // stage.concurrency)
+    budget_s = rounds * (config.qc.job_timeout_s + config.database.write_retry_s) + 60.0
+    submitted = 0
+    finished = False
+    try:
+        async with stage.running():
+            async with asyncio.timeout(budget_s):  # submitting waits while the queue is full
+                for name in names:
+                    await stage.put(QCRequest(name))
+                    submitted += 1
+                    bar.update(submitted - len(stage.pending()))
+                while not await stage.join(timeout_s=0.5 if bar.enabled else budget_s):
+                    bar.update(submitted - len(stage.pending()))
+                bar.update(submitted)
+                finished = True
+    except TimeoutError:
+        pass
+    finally:
+        bar.close()
+    if finished and monitor.last_crash is None:  # no outcome told: nothing was done to it
+        for name in names:
+            if name not in reported:
+                results["unchanged"] = results.get("unchanged", 0) + 1
+                print(f"{'unchanged':<15} {name}")
+    return finished, budget_s
 
 
 async def build_index(config: Config, args: argparse.Namespace) -> int:

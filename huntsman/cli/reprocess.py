@@ -25,22 +25,19 @@ from huntsman.cli.progress import Progress
 from huntsman.cli.selection import STAGE_STATUSES, STAGES, Selection
 from huntsman.config import Config
 from huntsman.logs import Logger, get_logger
-from huntsman.models import FileSource, IngestRequest, utcnow
+from huntsman.models import FileSource, IngestRequest, WcsStatus, utcnow
 from huntsman.services.stage import Stage
 from huntsman.store.database import Database
 from huntsman.store.encoding import bson_safe
+from huntsman.store.records import STAGE_DOCUMENTS, SolveRecord
 from huntsman.workers.pool import ComputePool
 
 __all__ = ["HISTORY_LIMIT", "ReprocessSummary", "Reprocessor", "push_history", "reprocess", "rerun"]
 
 HISTORY_LIMIT = 10
 # The sub-documents a stage owns (saved to history before it runs again) and its timing field.
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "ingest": ("ingest", "metrics"),
-    "solve": ("wcs", "pointing"),
-    "qc": ("qc",),
-}
-STAGE_TIMING = {"ingest": "ingested", "solve": "solved", "qc": "qc_done"}
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {k: v.fields for k, v in STAGE_DOCUMENTS.items()}
+STAGE_TIMING: dict[str, str] = {k: v.timing for k, v in STAGE_DOCUMENTS.items()}
 _PROJECTION = {
     "_id": 0,
     "filename": 1,
@@ -286,11 +283,9 @@ class Reprocessor:
 
         async def handle(doc: dict[str, Any]) -> str | None:
             if not usable:  # as the service does: recorded as skipped, with the reason
-                await exposures.set_fields(
-                    doc["filename"], {"wcs": {"status": "skipped", "error": solver.unusable_reason}}
-                )
-                return "skipped"
-            await exposures.set_fields(doc["filename"], {"wcs.status": "pending", "wcs.tries": 0})
+                await exposures.record_solve(doc["filename"], SolveRecord.skipped(solver.unusable_reason))
+                return WcsStatus.SKIPPED
+            await exposures.record_solve(doc["filename"], SolveRecord.pending(keep_solution=True))
             return await solver.solve(doc["filename"])
 
         return handle

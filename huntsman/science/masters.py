@@ -27,6 +27,7 @@ import numpy as np
 from astropy.io import fits
 from numpy.typing import NDArray
 
+from huntsman.models import MasterParams  # the calib.stack config section validates it
 from huntsman.science.fitsio import image_hdu_index, write_fits_atomic
 from huntsman.science.provenance import Provenance, stamp_header
 from huntsman.science.robust import mad_std
@@ -52,35 +53,6 @@ MASK_NODATA = 4
 
 # Camera identity copied from the first input so a master is self-describing.
 _COPIED_KEYWORDS = ("INSTRUME", "CAM-ID", "CAM-MOD", "FILTER", "CAM-GAIN", "SET-TEMP")
-
-
-@dataclasses.dataclass(frozen=True)
-class MasterParams:
-    """Parameters of master building (all explicit; hashed into the provenance by callers).
-
-    Attributes
-    ----------
-    sigma, maxiters : float, int
-        Sigma clipping of the stack (the original pipeline used 3σ, 3 iterations).
-    memory_limit_mb : float
-        Memory ceiling of the streamed combination.
-    hot_sigma : float
-        A dark pixel is hot if its rate exceeds the median by this many robust std.
-    dead_fraction : float
-        A flat pixel is dead/cold if its normalised response is below this.
-    flat_region_fraction : float
-        Side fraction of the central region whose median normalises each flat frame.
-    io_threads : int
-        Threads reading frames while the previous band is clipped.
-    """
-
-    sigma: float = 3.0
-    maxiters: int = 3
-    memory_limit_mb: float = 1024.0
-    hot_sigma: float = 5.0
-    dead_fraction: float = 0.5
-    flat_region_fraction: float = 0.5
-    io_threads: int = 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,13 +107,7 @@ class CalibService:
         self.config = config
         self.detector = detector
         self.calib_dir = calib_dir
-        self.params = MasterParams(
-            sigma=config.sigma,
-            maxiters=config.maxiters,
-            memory_limit_mb=config.memory_limit_mb,
-            hot_sigma=config.hot_pixel_sigma,
-            dead_fraction=config.dead_pixel_fraction,
-        )
+        self.params: MasterParams = config.stack  # the section is the science record
         self.provenance = Provenance(__version__, config_hash(config))
         self.on_master_built: list[MasterListener] = []
         self._log = log.bind(component="calib")

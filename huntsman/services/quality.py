@@ -41,7 +41,6 @@ from huntsman.models import (
     ObservationType,
     QCStatus,
     WcsStatus,
-    utcnow,
 )
 from huntsman.science.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
@@ -49,6 +48,7 @@ from huntsman.services.disk import QC, DiskMonitor
 from huntsman.services.stage import Stage
 from huntsman.store.calibs import CALIB_TYPES, CalibCollection, CalibDocument
 from huntsman.store.exposures import ExposureCollection, ExposureDocument
+from huntsman.store.records import QCRecord
 from huntsman.workers.pool import ComputePool, JobTimeout, PoolBroken
 from huntsman.workers.qc import QCJob, QCOutcome, qc_frame
 
@@ -95,7 +95,10 @@ class QualityMonitor:
         detector: DetectorConfig,
         paths: PathsConfig,
         log: Logger,
+        *,
+        sweeps: bool = True,
     ) -> None:
+        """``sweeps=False``: a command's private monitor, which measures only what it is given."""
         self.exposures = exposures
         self.calibs = calibs
         self.pool = pool
@@ -107,11 +110,14 @@ class QualityMonitor:
         self.provenance = Provenance(__version__, config_hash(config))
         self.counts: Counter[str] = Counter()
         self.disk: DiskMonitor | None = None  # set by the application: pauses on a full disk
+        # The last exception of a frame whose measurement crashed (counted as ``crashed``):
+        # the stage logs it and goes on; a command re-raises it once the others are done.
+        self.last_crash: Exception | None = None
         self.stage: Stage[str, QCRequest, QCStatus] = Stage(
-            "qc", self._measure, key=_filename, queue_size=config.queue_size,
+            "qc", self._measure_or_record, key=_filename, queue_size=config.queue_size,
             concurrency=config.concurrency, log=self._log, before=self._writable,
-            sweep=self._needing, sweep_interval_s=config.sweep_interval_s, counts=self.counts,
-            key_field="filename",
+            sweep=self._needing if sweeps else None, sweep_interval_s=config.sweep_interval_s,
+            counts=self.counts, key_field="filename",
         )
 
     @property
@@ -199,6 +205,14 @@ class QualityMonitor:
         more afterwards)."""
         return await self.stage.process(QCRequest(filename, force))
 
+    async def _measure_or_record(self, request: QCRequest) -> QCStatus | None:
+        try:
+            return await self._measure(request)
+        except Exception as exc:  # a bug or a database error: the stage logs it, the frame waits
+            self.counts["crashed"] += 1
+            self.last_crash = exc
+            raise
+
     async def _measure(self, request: QCRequest) -> QCStatus | None:
         filename, force = request.filename, request.force
         doc = await self.exposures.get(filename)
@@ -218,9 +232,7 @@ class QualityMonitor:
         if chosen is None:
             reason = await self._missing_reason(doc)
             if qc.get("status") != QCStatus.WAITING_CALIBS or qc.get("error") != reason:
-                await self.exposures.set_fields(filename, {"qc": {
-                    "status": QCStatus.WAITING_CALIBS, "error": reason, "tries": 0, "calibs": None,
-                    "date_checked": utcnow()}})
+                await self.exposures.record_qc(filename, QCRecord.waiting(reason))
                 log.info("qc_waiting_calibs", reason=reason)
             self.counts[QCStatus.WAITING_CALIBS] += 1
             return QCStatus.WAITING_CALIBS
@@ -248,27 +260,25 @@ class QualityMonitor:
         except Exception as exc:  # a bug in the worker: recorded like any failure
             outcome = QCOutcome(QCStatus.FAILED, f"{type(exc).__name__}: {exc}", {}, {}, None, (),
                                 None, time.perf_counter() - start)
-        now = utcnow()
-        record = {
-            **outcome.metrics,
-            "status": outcome.status,
-            "error": outcome.error,
-            "failed": outcome.failed,
-            "tries": tries,
-            "duration_s": outcome.duration_s,
-            "calibs": calibs,
-            "wcs_status": wcs.get("status"),
-            "grade": outcome.grade,
-            "flags": list(outcome.flags),
-            "calibrated_filename": outcome.calibrated_filename,
-            "filter": doc.get("physical_filter"),
-            "refcat": job.refcat_path,
-            "config_hash": self.provenance.config_hash,
-            "software_version": self.provenance.software_version,
-            "date": now,
-        }
-        await self.exposures.set_fields(filename, {"qc": record, "timing.qc_done": now})
-        status = QCStatus(outcome.status)
+        record = QCRecord(
+            QCStatus(outcome.status),
+            tries=tries,
+            error=outcome.error,
+            calibs=calibs,
+            measurements=outcome.metrics,
+            failed=outcome.failed,
+            duration_s=outcome.duration_s,
+            wcs_status=wcs.get("status"),
+            grade=outcome.grade,
+            flags=outcome.flags,
+            calibrated_filename=outcome.calibrated_filename,
+            filter=doc.get("physical_filter"),
+            refcat=job.refcat_path,
+            config_hash=self.provenance.config_hash,
+            software_version=self.provenance.software_version,
+        )
+        await self.exposures.record_qc(filename, record)
+        status = record.status
         self.counts[status] += 1
         done = status is QCStatus.DONE
         (log.info if done else log.warning)(

@@ -17,13 +17,14 @@ from typing import Any
 
 from huntsman.config import AstrometryConfig, DetectorConfig
 from huntsman.logs import Logger
-from huntsman.models import IngestStatus, ObservationType, WcsStatus, utcnow
+from huntsman.models import IngestStatus, ObservationType, WcsStatus
 from huntsman.science.astrometry import SolveParams, available
 from huntsman.science.paths import is_inside
 from huntsman.science.wcs_writer import cleanup_temp_files
 from huntsman.services.disk import SOLVER, DiskMonitor
 from huntsman.services.stage import Stage
 from huntsman.store.exposures import ExposureCollection
+from huntsman.store.records import SolveRecord, WcsSolution
 from huntsman.workers.pool import ComputePool, JobFailed, JobTimeout, PoolBroken
 from huntsman.workers.solve import SolveJob, SolveOutcome, solve_file
 
@@ -103,13 +104,11 @@ class PlateSolver:
         if fields.get("observation_type") != ObservationType.SCIENCE:
             return
         if not self.usable:
-            await self.exposures.set_fields(
-                filename, {"wcs": {"status": WcsStatus.SKIPPED, "error": self.unusable_reason}}
-            )
+            await self.exposures.record_solve(filename, SolveRecord.skipped(self.unusable_reason))
             self.counts["skipped"] += 1
             await self.stage.notify(filename, WcsStatus.SKIPPED)
             return
-        await self.exposures.set_fields(filename, {"wcs": {"status": WcsStatus.PENDING, "tries": 0}})
+        await self.exposures.record_solve(filename, SolveRecord.pending())
         self.stage.offer(filename)  # a full queue leaves it pending on its document: swept later
 
     async def sweep(self, *, retry_failed: bool) -> int:
@@ -168,35 +167,31 @@ class PlateSolver:
             error = outcome.error if outcome is not None else "no outcome"
         except (JobTimeout, PoolBroken, JobFailed) as exc:
             outcome, error = None, str(exc)
-        now = utcnow()
-        update: dict[str, Any] = {"timing.solved": now}
+        record: SolveRecord
         if outcome is not None and error is None:
             result = outcome.result
-            update["wcs"] = {
-                "status": WcsStatus.SOLVED,
-                "tries": tries,
-                "error": None,
-                "header": result.header,
-                "ra_center": result.ra_center,
-                "dec_center": result.dec_center,
-                "pixel_scale_arcsec": result.pixel_scale_arcsec,
-                "rotation_deg": result.rotation_deg,
-                "solve_time_s": result.solve_time_s,
-                "index_used": result.index_used,
-                "n_matched": result.n_matched,
-                "residual_arcsec": result.residual_arcsec,
-                "pointing_offset_arcsec": result.pointing_offset_arcsec,
-                "blind": result.blind,
-                "marker": outcome.marker,
-                "written_to_file": outcome.wrote_wcs or bool(doc.get("wcs", {}).get("written_to_file")),
-                "write_error": outcome.write_error,
-            }
+            solution = WcsSolution(
+                header=result.header,
+                ra_center=result.ra_center,
+                dec_center=result.dec_center,
+                pixel_scale_arcsec=result.pixel_scale_arcsec,
+                rotation_deg=result.rotation_deg,
+                solve_time_s=result.solve_time_s,
+                index_used=result.index_used,
+                n_matched=result.n_matched,
+                residual_arcsec=result.residual_arcsec,
+                pointing_offset_arcsec=result.pointing_offset_arcsec,
+                blind=result.blind,
+                marker=outcome.marker,
+                written_to_file=outcome.wrote_wcs or bool(wcs.get("written_to_file")),
+                write_error=outcome.write_error,
+            )
             if outcome.write_error is not None:
                 log.warning("wcs_write_refused", reason=outcome.write_error)
-            update["pointing"] = outcome.pointing
-            if outcome.file_size is not None:
-                update["file"] = {"size": outcome.file_size, "mtime_ns": outcome.file_mtime_ns}
-            status = WcsStatus.SOLVED
+            record = SolveRecord.solved(
+                solution, tries=tries, pointing=outcome.pointing,
+                file_size=outcome.file_size, file_mtime_ns=outcome.file_mtime_ns,
+            )
             log.info(
                 "frame_solved",
                 duration_s=round(outcome.duration_s, 2),
@@ -206,16 +201,14 @@ class PlateSolver:
                 wrote_wcs=outcome.wrote_wcs,
             )
         else:
-            status = WcsStatus.FAILED
-            update["wcs"] = {
-                "status": status,
-                "tries": tries,
-                "error": error,
-                "solve_time_s": outcome.result.solve_time_s if outcome is not None else None,
-            }
-            log.warning("solve_failed", error=error, tries=tries)
+            record = SolveRecord.failed(
+                tries=tries, error=error or "no outcome",
+                solve_time_s=outcome.result.solve_time_s if outcome is not None else None,
+            )
+            log.warning("solve_failed", error=record.error, tries=tries)
+        status = record.status
         self.counts[status] += 1
-        await self.exposures.set_fields(filename, update)
+        await self.exposures.record_solve(filename, record)
         return status  # the stage tells the listeners
 
     async def drain(self, timeout_s: float) -> bool:
