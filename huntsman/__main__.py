@@ -1,4 +1,4 @@
-"""``python -m huntsman``."""
+"""``python -m huntsman``: the command line, as the ``huntsman`` script runs it."""
 
 import sys
 

@@ -1,5 +1,6 @@
-"""The commands that run the service's processing on demand: ``ingest``, ``calib``, ``qc``,
-``build-index``; same code paths as the service.
+"""The commands that run the service's processing on demand, by the service's own code.
+
+``ingest``, ``calib``, ``qc`` and ``build-index`` take the same code paths as the service.
 
 The re-runs (``reprocess STAGE``, also spelt ``qc --reprocess`` and ``calib --force``) are
 :mod:`huntsman.cli.reprocess`.

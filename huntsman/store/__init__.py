@@ -1,0 +1,1 @@
+"""The database: connection, embedded server and one repository per collection."""

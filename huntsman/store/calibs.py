@@ -1,5 +1,7 @@
-"""The ``calibs`` collection (one document per master frame) and ``calib_status`` (one record
-per calibration group and date: what was built, or why nothing was).
+"""The masters repository: the ``calibs`` and ``calib_status`` collections.
+
+``calibs`` holds one document per master frame; ``calib_status`` one record per calibration
+group and date: what was built, or why nothing was.
 
 A *unit* is what one status record describes: ``(calib_type, camera, physical_filter, date)``
 with ``physical_filter`` ``None`` for bias and dark.  A unit normally has one current master;

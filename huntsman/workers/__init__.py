@@ -1,0 +1,1 @@
+"""The compute pool and the jobs it runs in worker processes."""

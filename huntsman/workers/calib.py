@@ -1,6 +1,7 @@
-"""The master-building job run in pool workers: paths and a small frozen record in, a small
-:class:`~huntsman.science.masters.MasterResult` out (the master itself is written atomically
-by the science layer)."""
+"""The master-building job run in pool workers.
+
+Paths and a small frozen record in, a small :class:`~huntsman.science.masters.MasterResult`
+out (the master itself is written atomically by the science layer)."""
 
 from __future__ import annotations
 

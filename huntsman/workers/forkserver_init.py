@@ -1,4 +1,6 @@
-"""Imported only by the multiprocessing fork server (its preload list): the fork server dies
+"""The fork server's preload: workers die with the service and ignore the group's signals.
+
+Imported only by the multiprocessing fork server (its preload list): the fork server dies
 with the service that started it, so the kernel then kills its workers too (they ask for
 ``PR_SET_PDEATHSIG`` themselves, see :mod:`huntsman.workers.lifeline`)."""
 

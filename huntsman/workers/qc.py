@@ -1,5 +1,7 @@
-"""The quality-control job run in pool workers: calibrate a raw science frame with its masters,
-write the calibrated frame (optional), measure PSF, sky, zeropoint and depth, and grade it.
+"""The quality-control job run in pool workers: calibrate, measure and grade one frame.
+
+It calibrates a raw science frame with its masters, writes the calibrated frame (optional),
+measures PSF, sky, zeropoint and depth, and grades it.
 
 Paths and a small frozen :class:`QCJob` in, a small :class:`QCOutcome` out.  Never raises for a
 bad frame: a measurement that cannot be made is ``None`` with its reason in ``failed``, and
