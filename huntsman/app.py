@@ -25,8 +25,8 @@ from huntsman.config import Config, redact_uri
 from huntsman.lock import EMBEDDED_LOCK, SERVICE_LOCK, LockHeld, PidLock
 from huntsman.logs import Logger, get_logger
 from huntsman.models import FileSource, IngestParams
+from huntsman.paths import private_dir
 from huntsman.science.offline import configure_offline_astropy
-from huntsman.science.paths import private_dir
 from huntsman.service_config import write_service_config
 from huntsman.services.calib import CalibService
 from huntsman.services.disk import DATABASE, DiskMonitor, watched_paths

@@ -19,9 +19,7 @@ from huntsman.app import make_calib_service, make_pool, make_quality_monitor
 from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import IngestParams, utcnow
-from huntsman.science.fitsio import write_fits_atomic
-from huntsman.science.masters import MasterParams
-from huntsman.science.paths import (
+from huntsman.paths import (
     MAX_COMPONENT,
     UnsafePathError,
     create_temp,
@@ -31,6 +29,8 @@ from huntsman.science.paths import (
     private_dir,
     write_atomic,
 )
+from huntsman.science.fitsio import write_fits_atomic
+from huntsman.science.masters import MasterParams
 from huntsman.science.provenance import Provenance
 from huntsman.science.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 from huntsman.services.calib import CalibService, master_path

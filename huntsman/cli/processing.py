@@ -24,8 +24,8 @@ from huntsman.cli.selection import CALIB_TYPES, Selection
 from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import FileSource, IngestRequest, QCStatus, utcnow
+from huntsman.paths import is_inside
 from huntsman.science.offline import configure_offline_astropy
-from huntsman.science.paths import is_inside
 from huntsman.services.watcher import is_candidate
 from huntsman.store.database import open_database
 

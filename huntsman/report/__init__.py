@@ -10,8 +10,8 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+from huntsman.paths import inside, make_dirs, write_atomic
 from huntsman.report.data import NightData, gather_night, last_completed_night
-from huntsman.science.paths import inside, make_dirs, write_atomic
 from huntsman.store.database import Database
 
 __all__ = ["ReportResult", "gather_night", "last_completed_night", "render_report", "write_report"]

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from huntsman.models import IngestStatus, ObservationType, QCStatus
+from huntsman.paths import path_component, write_atomic
 from huntsman.report.data import NightData
-from huntsman.science.paths import path_component, write_atomic
 from huntsman.values import finite_or_none, get_path
 
 __all__ = [

@@ -13,7 +13,7 @@ import numpy as np
 from astropy.io import fits
 from numpy.typing import NDArray
 
-from huntsman.science.paths import write_atomic
+from huntsman.paths import write_atomic
 
 __all__ = ["find_image_hdu", "image_hdu_index", "read_raw", "write_fits_atomic"]
 
@@ -72,7 +72,7 @@ def write_fits_atomic(path: str | Path, hdulist: fits.HDUList, *, root: str | Pa
     The file is written to a new temporary dot-file ending in ``.tmp`` in the same directory
     (created ``O_EXCL | O_NOFOLLOW``; directory watchers ignore it), fsynced, made 0644 and moved
     over ``path`` with :func:`os.replace`; the directory is fsynced so the rename survives a
-    crash.  With ``root``, ``path`` must lie inside it (:func:`~huntsman.science.paths.inside`)
+    crash.  With ``root``, ``path`` must lie inside it (:func:`~huntsman.paths.inside`)
     and missing directories are created without following links out of it.
     """
     return write_atomic(path, hdulist.writeto, root=root, mode=0o644)

@@ -48,8 +48,8 @@ from typing import BinaryIO
 import numpy as np
 from astropy.io import fits
 
+from huntsman.paths import UnsafePathError, create_temp, fsync_dir, inside
 from huntsman.science.fitsio import image_hdu_index
-from huntsman.science.paths import UnsafePathError, create_temp, fsync_dir, inside
 
 __all__ = [
     "MARKER_KEY",

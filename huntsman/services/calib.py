@@ -36,8 +36,8 @@ from huntsman import __version__
 from huntsman.config import CalibConfig, DetectorConfig
 from huntsman.logs import Logger
 from huntsman.models import utcnow
+from huntsman.paths import inside, path_component
 from huntsman.science.masters import MasterParams, MasterResult
-from huntsman.science.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
 from huntsman.services.calib_plan import RAW_PROJECTION, Group, RawFrame, UnitPlan, plan_unit, units_of
 from huntsman.services.disk import MASTERS, DiskMonitor

@@ -42,7 +42,7 @@ from huntsman.models import (
     QCStatus,
     WcsStatus,
 )
-from huntsman.science.paths import inside, path_component
+from huntsman.paths import inside, path_component
 from huntsman.science.provenance import Provenance, config_hash
 from huntsman.services.disk import QC, DiskMonitor
 from huntsman.services.stage import Stage

@@ -19,8 +19,8 @@ from pymongo.errors import PyMongoError
 from huntsman.config import ReportConfig
 from huntsman.logs import Logger
 from huntsman.models import utcnow
+from huntsman.paths import path_component
 from huntsman.report import ReportResult, last_completed_night, write_report
-from huntsman.science.paths import path_component
 from huntsman.store.database import Database
 
 __all__ = ["MAX_CATCH_UP_NIGHTS", "ReportScheduler"]

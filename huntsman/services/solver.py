@@ -18,8 +18,8 @@ from typing import Any
 from huntsman.config import AstrometryConfig, DetectorConfig
 from huntsman.logs import Logger
 from huntsman.models import IngestStatus, ObservationType, WcsStatus
+from huntsman.paths import is_inside
 from huntsman.science.astrometry import SolveParams, available
-from huntsman.science.paths import is_inside
 from huntsman.science.wcs_writer import cleanup_temp_files
 from huntsman.services.disk import SOLVER, DiskMonitor
 from huntsman.services.stage import Stage

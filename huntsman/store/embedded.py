@@ -32,7 +32,7 @@ from pymongo.errors import PyMongoError
 from huntsman.config import EMBEDDED_KILL_WAIT_S
 from huntsman.lock import EMBEDDED_LOCK, LockHeld, PidLock, holder
 from huntsman.logs import Logger
-from huntsman.science.paths import private_dir
+from huntsman.paths import private_dir
 
 __all__ = [
     "EMBEDDED_LOCK", "EmbeddedServer", "EmbeddedServerError", "StorageBusy", "find_running",

@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from huntsman.models import ObservationType
+from huntsman.paths import inside, make_dirs
 from huntsman.science.masters import (
     MasterParams,
     MasterResult,
@@ -16,7 +17,6 @@ from huntsman.science.masters import (
     build_master_dark,
     build_master_flat,
 )
-from huntsman.science.paths import inside, make_dirs
 from huntsman.science.provenance import Provenance
 
 __all__ = ["CalibJob", "build_calib_master"]
@@ -40,7 +40,7 @@ class CalibJob:
 
 def build_calib_master(job: CalibJob) -> MasterResult:
     """Build and write one master; raises ``ValueError`` for unusable inputs and
-    :class:`~huntsman.science.paths.UnsafePathError` for an output outside ``out_root``."""
+    :class:`~huntsman.paths.UnsafePathError` for an output outside ``out_root``."""
     out = Path(job.out_path)
     root = job.out_root if job.out_root is not None else out.parent
     make_dirs(out.parent, root)

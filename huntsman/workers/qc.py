@@ -25,10 +25,10 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from numpy.typing import NDArray
 
 from huntsman.models import DetectorConstants, Grade, GradeThresholds, QCStatus
+from huntsman.paths import UnsafePathError
 from huntsman.science.background import SkyBackground, estimate_background
 from huntsman.science.calibration import CalibratedFrame, calibrate, load_master
 from huntsman.science.fitsio import read_raw, write_fits_atomic
-from huntsman.science.paths import UnsafePathError
 from huntsman.science.photometry import PhotometryParams, PhotometryResult, measure_photometry
 from huntsman.science.provenance import Provenance, stamp_header
 from huntsman.science.psf import PSFResult, measure_psf

@@ -1,4 +1,4 @@
-"""Where the service may write: header values as path components, containment, temporary files.
+"""Where the service may write: header values as path components, containment, atomic files.
 
 Header values are data, never paths.  Every value that becomes part of a file or directory name
 (camera, filter, field, date, a raw file's stem) goes through :func:`path_component`, and every
