@@ -379,3 +379,19 @@ def test_validate_config_warns_in_one_line_per_old_key(tmp_path: Path) -> None:
     assert warning.endswith("ConfigDeprecationWarning: HUNTSMAN_QC__GRADE_MIN_STARS is deprecated: "
                             "use HUNTSMAN_QC__GRADE__MIN_STARS (qc.grade.min_stars)"), warning
     assert json.loads(proc.stdout)["qc"]["grade"]["min_stars"] == 4
+
+
+def test_old_calib_stack_keys_are_read_with_a_warning_naming_the_new_key(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("calib:\n  sigma: 2.5\n  memory_limit_mb: 512\n")
+    with pytest.warns(ConfigDeprecationWarning) as caught:
+        config = load_config(old, environ={}, root=tmp_path)
+    assert [str(w.message) for w in caught] == [
+        "calib.sigma is deprecated: use calib.stack.sigma",
+        "calib.memory_limit_mb is deprecated: use calib.stack.memory_limit_mb",
+    ]
+    assert (config.calib.stack.sigma, config.calib.stack.memory_limit_mb) == (2.5, 512)
+    both = tmp_path / "both.yaml"
+    both.write_text("calib:\n  sigma: 2.5\n  stack: {sigma: 3.0}\n")
+    with pytest.raises(ConfigError, match=r"calib\.sigma and calib\.stack\.sigma are both set"):
+        load_config(both, environ={}, root=tmp_path)
