@@ -1,8 +1,7 @@
 """Stage: the one engine that runs a service's items through a keyed, bounded work queue.
 
 Ingestion, plate solving and QC each give it a ``process`` function (and optionally a ``before``
-hook and a sweep query); the machine around them lives here once, as banzai's ``Stage.run`` and
-arq's ``run_job`` keep theirs:
+hook and a sweep query); the machine around them lives here once:
 
 - a bounded queue (``asyncio.Queue(maxsize)``) keyed by ``key(item)``: a key that is queued is
   not queued twice; a key offered while it is being processed is remembered (*again*) and
