@@ -80,7 +80,7 @@ def say(*parts: Any) -> None:
 # -- frames ---------------------------------------------------------------------------------
 def render_template(path: str, shape: tuple[int, int], n_stars: int, seed: int) -> int:
     """Render one synthetic science frame to ``path`` (runs in a throw-away process)."""
-    from huntsman.science import synthetic as syn
+    from huntsman.testing import synthetic as syn
 
     rng = np.random.default_rng(seed)
     ny, nx = shape

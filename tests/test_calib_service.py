@@ -20,10 +20,10 @@ from huntsman.commands import calib as calib_command
 from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import IngestParams, utcnow
-from huntsman.science.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 from huntsman.services.calib import CalibService
 from huntsman.store.calibs import Unit
 from huntsman.store.database import Database
+from huntsman.testing.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 from huntsman.workers.ingest import ingest_file
 from tests.conftest import RAW_SAMPLES, ServiceHandle, make_config, wait_for
 

@@ -278,9 +278,9 @@ async def test_outside_root_files_are_solved_but_never_written(
     tmp_path: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:
     """The solver records the solution of a file outside the raw root but leaves the file alone."""
-    from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame
-    from huntsman.science.synthetic import MoffatPSF, huntsman_header, write_raw
     from huntsman.services.solver import PlateSolver
+    from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame
+    from huntsman.testing.synthetic import MoffatPSF, huntsman_header, write_raw
 
     config = make_config(tmp_path, mongo_uri, db_name)
     shape = (1500, 2000)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from pymongo import MongoClient
 
-from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.store.embedded import find_running
+from huntsman.testing.synthetic import huntsman_header, write_raw
 from tests.conftest import PYTHON, RAW_SAMPLES, ROOT, python_env
 
 pytestmark = pytest.mark.e2e

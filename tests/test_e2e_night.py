@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame, tycho_stars
-from huntsman.science.synthetic import CameraModel, MoffatPSF, huntsman_header, write_raw
+from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame, tycho_stars
+from huntsman.testing.synthetic import CameraModel, MoffatPSF, huntsman_header, write_raw
 from tests.conftest import PYTHON, ROOT, python_env
 from tests.qc_synth import write_calib_frames
 from tests.test_e2e import ServiceProcess, wait_until, workdir  # noqa: F401 (fixture)

@@ -22,17 +22,17 @@ from huntsman.logs import get_logger
 from huntsman.models import IngestParams, utcnow
 from huntsman.science.photometry import PhotometryParams, limiting_flux_5sigma
 from huntsman.science.psf import true_image_fwhm
-from huntsman.science.psfex_runner import psfex_available, run_psfex
 from huntsman.science.refcat import CatalogueSpec
-from huntsman.science.synthetic import moffat_alpha
 from huntsman.services.calib import CalibService
 from huntsman.services.quality import QualityMonitor
 from huntsman.services.solver import PlateSolver
 from huntsman.store.database import Database
+from huntsman.testing.synthetic import moffat_alpha
 from huntsman.workers.ingest import ingest_file
 from huntsman.workers.qc import DetectorConstants, GradeThresholds, QCJob, QCOutcome, qc_frame
 from tests.conftest import DATA, RAW_SAMPLES, make_config, wait_for
 from tests.qc_synth import CAM, PROV, Truth, make_masters, make_science, tan_wcs, write_calib_frames
+from tests.support.psfex_runner import psfex_available, run_psfex
 
 SHAPE = (1200, 1200)
 SEEDS = (11, 12, 13, 14, 15, 16)

@@ -11,8 +11,8 @@ import numpy as np
 from astropy.io import fits
 
 from huntsman.config import Config
-from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.store.database import Database
+from huntsman.testing.synthetic import huntsman_header, write_raw
 from tests.conftest import (
     RAW_SAMPLES,
     SAMPLE_NAMES,

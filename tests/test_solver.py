@@ -11,10 +11,10 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame
-from huntsman.science.synthetic import MoffatPSF, huntsman_header, write_raw
 from huntsman.science.wcs_writer import read_wcs_marker, strip_wcs
 from huntsman.store.database import Database
+from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame
+from huntsman.testing.synthetic import MoffatPSF, huntsman_header, write_raw
 from tests.conftest import DATA, PYTHON, RAW_SAMPLES, ROOT, ServiceHandle, make_config, python_env, wait_for
 
 SCALE = 1.24

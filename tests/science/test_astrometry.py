@@ -24,9 +24,9 @@ from huntsman.science.astrometry import (
     pointing_metrics,
     solve_field,
 )
-from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame, tycho_stars
-from huntsman.science.synthetic import MoffatPSF
 from huntsman.science.wcs_writer import strip_wcs
+from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame, tycho_stars
+from huntsman.testing.synthetic import MoffatPSF
 
 iers.conf.auto_download = False
 iers.conf.auto_max_age = None

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from huntsman.science import synthetic as syn
 from huntsman.science.metrics import MetricParams, compute_metrics, metric_names
 from huntsman.science.psf import true_image_fwhm
+from huntsman.testing import synthetic as syn
 
 RAW = Path(__file__).parent.parent / "data" / "huntsman-drp" / "raw"
 CAM = syn.CameraModel()

@@ -10,9 +10,9 @@ import pytest
 from astropy.io import fits
 from scipy.optimize import brentq
 
-from huntsman.science import synthetic as syn
 from huntsman.science.psf import image_fwhm, measure_psf, true_image_fwhm
-from huntsman.science.psfex_runner import run_psfex
+from huntsman.testing import synthetic as syn
+from tests.support.psfex_runner import run_psfex
 
 RAW = Path(__file__).parent.parent / "data" / "huntsman-drp" / "raw"
 SCALE = 1.24

@@ -17,8 +17,6 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from huntsman.science.starfield import make_tan_sip_wcs
-from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.science.wcs_writer import (
     MARKER_KEY,
     WcsWriteRefused,
@@ -29,6 +27,8 @@ from huntsman.science.wcs_writer import (
     strip_wcs,
     write_wcs_into_raw,
 )
+from huntsman.testing.starfield import make_tan_sip_wcs
+from huntsman.testing.synthetic import huntsman_header, write_raw
 
 SCIENCE = Path(__file__).resolve().parents[1] / "data" / "huntsman-drp" / "raw" / "science_0.fits"
 
