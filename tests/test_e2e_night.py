@@ -19,7 +19,7 @@ from tests.conftest import PYTHON, ROOT, python_env
 from tests.qc_synth import write_calib_frames
 from tests.test_e2e import ServiceProcess, wait_until, workdir  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.tools("solve-field", "tycho2")]
 
 SHAPE = (1500, 2000)
 SCALE = 1.24

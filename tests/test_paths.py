@@ -261,6 +261,7 @@ async def _solved(database: Database, *filenames: str) -> bool:
     return True
 
 
+@pytest.mark.tools("solve-field", "tycho2")
 async def test_write_back_ignores_a_planted_link_and_records_why_a_hard_link_is_refused(
     service: Any, database: Database, tmp_path: Path
 ) -> None:

@@ -32,6 +32,7 @@ async def _wcs_status(db: Database, filename: str, *statuses: str) -> bool:
     return doc is not None and (doc.get("wcs") or {}).get("status") in statuses
 
 
+@pytest.mark.tools("solve-field", "tycho2")
 async def test_science_frame_solved_and_written_back_once(
     service: ServiceHandle, database: Database, tmp_path: Path
 ) -> None:
@@ -76,6 +77,7 @@ async def _idle(service: ServiceHandle) -> bool:
     return service.app.ingestor.idle() and service.app.solver.queue.empty()
 
 
+@pytest.mark.tools("solve-field")
 async def test_unsolvable_frame_fails_with_reason_and_is_not_retried_forever(
     tmp_path: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:
@@ -134,6 +136,7 @@ async def test_without_indexes_frames_are_skipped_with_warning(
     assert doc is not None and "index" in doc["wcs"]["error"]
 
 
+@pytest.mark.tools("solve-field")
 async def test_science_sample_solves_through_an_index_built_from_the_catalogue(
     tmp_path: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:

@@ -162,6 +162,7 @@ def test_saturated_stars_rejected_and_input_not_mutated() -> None:
     assert res_only.n_stars == 0 and res_only.error is not None
 
 
+@pytest.mark.tools("source-extractor", "psfex")
 def test_real_science_frame_agrees_with_psfex() -> None:
     path = RAW / "science_0.fits"
     data = fits.getdata(path)
