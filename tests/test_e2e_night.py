@@ -98,8 +98,9 @@ def test_synthetic_night_ends_with_every_science_frame_done(workdir: Path) -> No
     refcat = workdir / "refcat.csv"
     write_refcat(refcat)
     service = NightService(workdir, refcat).start()
+    client = service.client()
     try:
-        exposures = service.client()["huntsman"]["exposures"]
+        exposures = client["huntsman"]["exposures"]
 
         def copy(paths: list[Path]) -> None:
             for src in paths:
@@ -143,5 +144,6 @@ def test_synthetic_night_ends_with_every_science_frame_done(workdir: Path) -> No
         assert status.returncode == 0, status.stderr
         assert "quality control" in status.stdout and "done" in status.stdout
     finally:
+        client.close()
         service.signal(2)
         assert service.wait(30) == 0
