@@ -106,8 +106,9 @@ class ServiceProcess:
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        with self.proc.stdout:  # closed at the end of the output: the service has exited
+            for line in self.proc.stdout:
+                self.lines.append(line)
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         out = []
