@@ -7,7 +7,7 @@ HASH := $(shell cat pyproject.toml | sha1sum | cut -c1-12)
 RUN_STAMP := $(VENV)/.installed-run-$(HASH)
 STAMP := $(VENV)/.installed-dev-$(HASH)
 
-.PHONY: run test lint bench install system-deps clean
+.PHONY: run test test-fast lint bench install system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,16 @@ run: $(RUN_STAMP)
 
 ## test: the whole test suite (the system tools it needs are installed by system-deps)
 test: $(STAMP) system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast tier, by markers (pyproject.toml; `service` is set by tests/conftest.py on every test
+# that needs the database server): no service, no database server, no end-to-end run, no Debian
+# tools, no root, nothing marked slow.
+FAST := not slow and not e2e and not service and not tools and not root and not browser
+
+## test-fast: the edit-test loop: pure science and unit tests, under a minute (PYTEST_ARGS=-x ...)
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "$(FAST)" $(PYTEST_ARGS)
 
 ## lint: ruff and mypy; fails on any finding
 lint: $(STAMP)

@@ -6,13 +6,13 @@ Usage::
         [--client-pause 0.0] [--client-nice 10] [--max-requests 200000] [--out FILE.json]
         [--set SECTION__FIELD=VALUE ...]
 
-The service runs in this process exactly as in ``bench_ingest.py`` (whose harness this reuses:
-same embedded database, same synthetic full 5496x3672 frames written with one ``CLOSE_WRITE``
-each, same latency definition: the document's ``timing.ingested`` minus the writer's close),
-with the status server enabled on 127.0.0.1 (port picked freely).  After ``--warmup`` frames
-(not counted), ``--frames`` full frames at ``--rate`` frames/s in each of two conditions,
-alternating in ``--blocks`` blocks (quiet 1, loaded 1, quiet 2, ...) so that a change in the
-machine's background load falls on both alike:
+The service runs in this process exactly as in ``bench_ingest.py``, through the same harness
+(``benchmarks/harness.py``: same embedded database, same synthetic full 5496x3672 frames
+written with one ``CLOSE_WRITE`` each, same latency definition: the document's
+``timing.ingested`` minus the writer's close), with the status server enabled on 127.0.0.1
+(port picked freely).  After ``--warmup`` frames (not counted), ``--frames`` full frames at
+``--rate`` frames/s in each of two conditions, alternating in ``--blocks`` blocks (quiet 1,
+loaded 1, quiet 2, ...) so that a change in the machine's background load falls on both alike:
 
 - ``quiet``: nobody loads the status page (the baseline);
 - ``loaded``: ``--clients`` concurrent clients load ``/`` in a loop, each as soon as its last
@@ -30,14 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import json
 import multiprocessing
 import os
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -45,10 +41,9 @@ from typing import Any
 
 import psutil
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_ingest as bi  # noqa: E402  (the ingestion harness)
+import harness as h
 
 TARGET_RATIO = 1.20
 
@@ -98,7 +93,7 @@ def run_clients(port: int, clients: int, pause_s: float, max_requests: int, max_
         cpu = psutil.Process().cpu_times()
         return {"statuses": dict(stats), "requests": sum(stats.values()), "wall_s": wall,
                 "requests_per_s": sum(stats.values()) / wall if wall else None,
-                "response_s": bi.pstats(times), "cpu_s": cpu.user + cpu.system,
+                "response_s": h.pstats(times), "cpu_s": cpu.user + cpu.system,
                 "clients": clients, "pause_s": pause_s, "nice": nice}
 
     results.put(asyncio.run(main()))
@@ -139,32 +134,16 @@ async def start_load(port: int, args: argparse.Namespace, max_s: float) -> Load:
 
 # -- the run ------------------------------------------------------------------------------
 async def run(args: argparse.Namespace, tmp: Path, full: bytes) -> dict[str, Any]:
-    from huntsman.app import run_service
-
     overrides = [*args.set, "HTTP__ENABLED=true", "HTTP__PORT=0", "HTTP__HOST=127.0.0.1"]
-    config = bi.make_config(tmp, overrides, all_services=False)
-    bench_args = argparse.Namespace(time_limit=args.time_limit, max_on_disk=args.max_on_disk)
-    bench = bi.Bench(bench_args, tmp)
-    stop = asyncio.Event()
-    started: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    t_start = time.monotonic()
-    service = asyncio.create_task(run_service(config, stop, started=started.set_result), name="service")
-    done, _ = await asyncio.wait([service, started], timeout=120, return_when="FIRST_COMPLETED")
-    if started not in done:
-        if service in done:
-            service.result()
-        raise RuntimeError("service did not start within 120 s")
-    app = bench.app = started.result()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, bench.abort)
-    bench.hook(app)
-    await asyncio.wait_for(app.watcher.ready.wait(), 60)
+    config = h.make_config(tmp, overrides, all_services=False)
+    bench = h.Bench(args, tmp)
+    running = await h.start_service(config, bench)
+    app = running.app
     await asyncio.wait_for(app.http.ready.wait(), 30)
-    startup_s = time.monotonic() - t_start
+    startup_s = time.monotonic() - running.t_start
     port = app.http.port
-    bi.say(f"service started in {startup_s:.1f} s, status page on 127.0.0.1:{port}, "
-           f"http.max_concurrent_requests {config.http.max_concurrent_requests}")
+    h.say(f"service started in {startup_s:.1f} s, status page on 127.0.0.1:{port}, "
+          f"http.max_concurrent_requests {config.http.max_concurrent_requests}")
     interval = 1.0 / args.rate
     # Alternating blocks (quiet, loaded, quiet, loaded, ...) so that a change in the machine's
     # background load during the run falls on both figures alike.
@@ -172,14 +151,7 @@ async def run(args: argparse.Namespace, tmp: Path, full: bytes) -> dict[str, Any
     plan = [("warmup", args.warmup)] + [
         (f"{kind}_{i + 1}", n) for i, n in enumerate(sizes) for kind in ("quiet", "loaded") if n
     ]
-    for phase, _ in plan:
-        (config.paths.raw_dir / phase).mkdir(parents=True, exist_ok=True)
-    sampler = bench.sampler = bi.ProcessSampler(bench.worker_pids)
-    sampler.sample()
-    idle = dataclasses.asdict(sampler.peaks)
-    sampler.start()
-    lag_task = asyncio.create_task(bench.lag.run(), name="lag-probe")
-    await asyncio.sleep(2.0)  # idle baseline; the phase directories are scanned
+    idle, lag_task = await h.start_probes(bench, [phase for phase, _ in plan])
     clients: dict[str, Any] = {"blocks": []}
     try:
         for phase, n in plan:
@@ -189,7 +161,7 @@ async def run(args: argparse.Namespace, tmp: Path, full: bytes) -> dict[str, Any
                 continue
             requests0, refused0 = app.http.requests, app.http.refused
             load = await start_load(port, args, budget + 30)
-            bi.say(f"[{phase}] {args.clients} clients loading / in a loop")
+            h.say(f"[{phase}] {args.clients} clients loading / in a loop")
             try:
                 await asyncio.sleep(1.0)  # the flood is on before the first frame
                 await bench.phase(phase, n, full, interval, budget)
@@ -199,36 +171,26 @@ async def run(args: argparse.Namespace, tmp: Path, full: bytes) -> dict[str, Any
             block["refused_503_by_service"] = app.http.refused - refused0
             clients["blocks"].append(block)
     finally:
-        lag_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await lag_task
-        sampler.stop()
-        docs = {}
-        names = [n for p in bench.phases.values() for n in p.get("names", [])]
-        projection = {"_id": 0, "filename": 1, "ingest": 1, "timing": 1}
-        async for doc in app.database.exposures.find({"filename": {"$in": names}}, projection=projection):
-            docs[doc["filename"]] = doc
+        await h.stop_probes(bench, lag_task)
+        docs = await h.fetch_documents(bench)
         counts = dict(app.ingestor.counts)
-    result = bi.summarise(bench, docs, config, idle, startup_s, counts)
-    stop.set()
-    await asyncio.wait([service], timeout=60)
+    result = h.summarise("http_load", [], bench, docs, config, idle, startup_s, counts)
+    shutdown_s = await h.stop_service(running)
+    result["figures"]["shutdown_s"] = shutdown_s
+    if shutdown_s is None:
+        result["notes"].append("the service did not stop within 60 s of its stop event")
     f = result["figures"]
     for kind in ("quiet", "loaded"):
-        latencies, durations, statuses, lags = [], [], Counter[str](), []
+        names: list[str] = []
+        lags: list[float] = []
         for phase, p in bench.phases.items():
-            if not phase.startswith(kind + "_") or "names" not in p:
-                continue
-            lags += bench.lag.between(*p["monotonic"])
-            for name in p["names"]:
-                doc = docs.get(name) or {}
-                statuses[str((doc.get("ingest") or {}).get("status", "missing"))] += 1
-                ingested = (doc.get("timing") or {}).get("ingested")
-                if ingested is not None:
-                    latencies.append((ingested - bench.written[name].closed).total_seconds())
-                durations.append((doc.get("ingest") or {}).get("duration_s"))
-        f[kind] = {"files": sum(statuses.values()), "statuses": dict(statuses),
-                   "latency_s": bi.pstats(latencies), "ingest_duration_s": bi.pstats(durations),
-                   "event_loop_lag_ms": bi.pstats(lags, 1000.0),
+            if phase.startswith(kind + "_") and "names" in p:
+                lags += bench.lag.between(*p["monotonic"])
+                names += p["names"]
+        per = h.latencies(bench, docs, names)
+        f[kind] = {"files": sum(per.statuses.values()), "statuses": per.statuses,
+                   "latency_s": h.pstats(per.latencies), "ingest_duration_s": h.pstats(per.durations),
+                   "event_loop_lag_ms": h.pstats(lags, 1000.0),
                    "other_processes_cpu_cores": _mean_others(f, kind)}
     for phase in bench.phases:  # the per-file lists are long
         if isinstance(f.get(phase), dict):
@@ -244,13 +206,13 @@ async def run(args: argparse.Namespace, tmp: Path, full: bytes) -> dict[str, Any
         response_s_p95_max=max(((b.get("response_s") or {}).get("p95") or 0 for b in blocks), default=None),
         cpu_s=sum(b.get("cpu_s") or 0 for b in blocks),
     )
-    quiet, loaded = bi.lookup(f, "quiet.latency_s.p95"), bi.lookup(f, "loaded.latency_s.p95")
+    quiet, loaded = h.lookup(f, "quiet.latency_s.p95"), h.lookup(f, "loaded.latency_s.p95")
     ratio = loaded / quiet if quiet and loaded is not None else None
     # Each loaded block against the quiet block just before it: robust to a slow drift.
     pairs = []
     for i in range(1, args.blocks + 1):
         q, lo = f.get(f"quiet_{i}") or {}, f.get(f"loaded_{i}") or {}
-        qp, lp = bi.lookup(q, "latency_s.p95"), bi.lookup(lo, "latency_s.p95")
+        qp, lp = h.lookup(q, "latency_s.p95"), h.lookup(lo, "latency_s.p95")
         if qp and lp is not None:
             busy = max(q.get("other_processes_cpu_cores") or 0, lo.get("other_processes_cpu_cores") or 0)
             pairs.append({"block": i, "quiet_p95_s": qp, "loaded_p95_s": lp, "ratio": lp / qp,
@@ -285,32 +247,32 @@ def _mean_others(figures: dict[str, Any], kind: str) -> float | None:
 
 def print_report(result: dict[str, Any]) -> None:
     f, c = result["figures"], result.get("clients", {})
-    bi.say("")
-    bi.say(f"{'phase':<8}{'files':>6}{'ok':>5}{'lat p50':>9}{'p95':>8}{'max':>8}{'dur p50':>9}"
+    h.say("")
+    h.say(f"{'phase':<8}{'files':>6}{'ok':>5}{'lat p50':>9}{'p95':>8}{'max':>8}{'dur p50':>9}"
            f"{'lag p99 ms':>11}{'others':>8}")
     for name in ("quiet", "loaded"):
         p = f.get(name)
         if not isinstance(p, dict) or "files" not in p:
-            bi.say(f"{name:<8} {p}")
+            h.say(f"{name:<8} {p}")
             continue
         lat, dur = p["latency_s"], p["ingest_duration_s"]
-        bi.say(f"{name:<8}{p['files']:>6}{p['statuses'].get('ok', 0):>5}{bi.fmt(lat['p50']):>9}"
-               f"{bi.fmt(lat['p95']):>8}{bi.fmt(lat['max']):>8}{bi.fmt(dur['p50']):>9}"
-               f"{bi.fmt(p['event_loop_lag_ms']['p99'], '.1f'):>11}"
-               f"{bi.fmt(p['other_processes_cpu_cores'], '.2f'):>8}")
-    bi.say(f"clients: {c.get('clients')} x loop (pause {c.get('pause_s')} s, nice {c.get('nice')}): "
-           f"{c.get('requests')} requests ({bi.fmt(c.get('requests_per_s'), '.0f')}/s) "
-           f"{c.get('statuses')}, response p95 (worst block) {bi.fmt(c.get('response_s_p95_max'))} s, "
-           f"client CPU {bi.fmt(c.get('cpu_s'), '.1f')} s")
+        h.say(f"{name:<8}{p['files']:>6}{p['statuses'].get('ok', 0):>5}{h.fmt(lat['p50']):>9}"
+               f"{h.fmt(lat['p95']):>8}{h.fmt(lat['max']):>8}{h.fmt(dur['p50']):>9}"
+               f"{h.fmt(p['event_loop_lag_ms']['p99'], '.1f'):>11}"
+               f"{h.fmt(p['other_processes_cpu_cores'], '.2f'):>8}")
+    h.say(f"clients: {c.get('clients')} x loop (pause {c.get('pause_s')} s, nice {c.get('nice')}): "
+           f"{c.get('requests')} requests ({h.fmt(c.get('requests_per_s'), '.0f')}/s) "
+           f"{c.get('statuses')}, response p95 (worst block) {h.fmt(c.get('response_s_p95_max'))} s, "
+           f"client CPU {h.fmt(c.get('cpu_s'), '.1f')} s")
     for b in result.get("blocks", []):
-        bi.say(f"block {b['block']}: p95 quiet {b['quiet_p95_s']:.3f} s, loaded {b['loaded_p95_s']:.3f} s, "
+        h.say(f"block {b['block']}: p95 quiet {b['quiet_p95_s']:.3f} s, loaded {b['loaded_p95_s']:.3f} s, "
                f"ratio {b['ratio']:.3f}, other processes {b['other_processes_cpu_cores']:.2f} cores"
                + ("  (disturbed)" if b["disturbed"] else ""))
     ratio = result.get("ratio_p95_loaded_over_quiet")
     verdict = "n/a" if ratio is None else ("PASS" if ratio <= TARGET_RATIO else "FAIL")
-    bi.say(f"latency p95 loaded/quiet = {bi.fmt(ratio)} (target <= {TARGET_RATIO:g})  {verdict}")
+    h.say(f"latency p95 loaded/quiet = {h.fmt(ratio)} (target <= {TARGET_RATIO:g})  {verdict}")
     for note in result.get("notes", []):
-        bi.say(f"note: {note}")
+        h.say(f"note: {note}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,32 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary tree (service.log)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
-
-    import uvloop
-
-    from huntsman.logs import configure_logging
-
-    bi.LOAD_AT_START = os.getloadavg()
-    bi.watchdog(args.time_limit + 180)
-    tmp = bi.OUTPUT.tmp = Path(tempfile.mkdtemp(prefix="bench_http_load_", dir=args.tmp_dir))
-    bi.OUTPUT.keep = args.keep
-    bi.say(f"rendering the full-frame template in {tmp} ...")
-    full, _ = bi.render_templates(tmp, need_small=False)
-    bi.OUTPUT.redirect(tmp / "service.log")
-    try:
-        configure_logging("INFO", "json")
-        result = uvloop.run(run(args, tmp, full))
-        bi.OUTPUT.restore()
-        result["machine"]["load_avg_at_end"] = os.getloadavg()
-        print_report(result)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2, default=bi._json_default) + "\n")
-            bi.say(f"wrote {args.out}")
-    finally:
-        bi.OUTPUT.restore()
-        bi.OUTPUT.cleanup()
-    return 0
+    return h.run_benchmark("http_load", args, lambda tmp, full, _small: run(args, tmp, full),
+                           print_report, need_small=False)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from huntsman.models import DetectorConstants
-from huntsman.science import synthetic as syn
-from huntsman.science.metrics import MetricParams, compute_metrics
-from huntsman.science.psf import true_image_fwhm
-from huntsman.science.psfex_runner import psfex_available, run_psfex
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.support, and huntsman without an install
+
+from huntsman.models import DetectorConstants  # noqa: E402
+from huntsman.science.metrics import MetricParams, compute_metrics  # noqa: E402
+from huntsman.science.psf import true_image_fwhm  # noqa: E402
+from huntsman.testing import synthetic as syn  # noqa: E402
+from tests.support.psfex_runner import psfex_available, run_psfex  # noqa: E402
 
 
 def _frame(seed: int) -> tuple[np.ndarray, syn.MoffatPSF]:

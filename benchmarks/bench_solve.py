@@ -23,8 +23,8 @@ from astropy.wcs import WCS
 
 from huntsman.models import DetectorConstants
 from huntsman.science.astrometry import SolveParams, extract_sources, solve_field
-from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame
-from huntsman.science.synthetic import MoffatPSF
+from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame
+from huntsman.testing.synthetic import MoffatPSF
 
 iers.conf.auto_download = False
 iers.conf.auto_max_age = None

@@ -69,7 +69,7 @@ print(json.dumps({"wall_s": wall, "peak_rss_mb": rss_mb}))
 
 def write_frames(directory: Path, n: int) -> list[Path]:
     """Flat-like raws: vignetted sky, hot pixels, cosmic-ray-like outliers, uint16 BZERO."""
-    from huntsman.science.synthetic import CameraModel, huntsman_header, write_raw
+    from huntsman.testing.synthetic import CameraModel, huntsman_header, write_raw
 
     rng = np.random.default_rng(42)
     ny, nx = FULL_SHAPE

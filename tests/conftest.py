@@ -20,11 +20,31 @@ from pymongo.errors import PyMongoError
 from huntsman.config import Config, load_config
 from huntsman.store.database import Database, connect
 from huntsman.store.embedded import _free_port, server_command
+from tests.support.needs import lacking, needs_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "huntsman-drp"
 RAW_SAMPLES = DATA / "raw"
 SAMPLE_NAMES = ("bias_0", "dark_0", "flat_0", "science_0", "sky_offset_0")
+
+
+# A test using one of these fixtures runs the database server (and, through ``config`` and
+# ``service``, usually the service): marked ``service``, it stays out of ``make test-fast``.
+SERVICE_FIXTURES = frozenset({"mongo_uri", "workdir"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``root``, ``tools`` or ``browser`` whose need is missing: skipped with the
+    reason outside CI, failed inside CI (:mod:`tests.support.needs`)."""
+    missing = needs_of(item)
+    if missing:
+        lacking("; ".join(missing))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from astropy.wcs import WCS
 
 from huntsman.science.masters import MasterParams, build_master_bias, build_master_dark, build_master_flat
 from huntsman.science.provenance import Provenance
-from huntsman.science.synthetic import (
+from huntsman.testing.synthetic import (
     CameraModel,
     MoffatPSF,
     StarField,

@@ -20,11 +20,11 @@ from huntsman.cli.views import _status_text
 from huntsman.config import Config, load_config
 from huntsman.logs import get_logger
 from huntsman.models import IngestParams, utcnow
-from huntsman.science.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 from huntsman.services.calib import CalibService
 from huntsman.services.calib_plan import RawFrame, rejection_reason
 from huntsman.store.calibs import Unit
 from huntsman.store.database import Database
+from huntsman.testing.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 from huntsman.workers.ingest import ingest_file
 from tests.conftest import RAW_SAMPLES, ROOT, ServiceHandle, make_config, wait_for
 

@@ -35,7 +35,10 @@ from tests.conftest import (
     make_config,
     python_env,
 )
+from tests.support.needs import lacking
 from tests.test_reprocess import N1, write_frames
+
+pytestmark = pytest.mark.service  # every test runs the command line as a process
 
 YAML = str(ROOT / "etc" / "huntsman.yaml")
 EXIT_DATABASE = 4
@@ -334,14 +337,14 @@ async def test_ingest_refuses_missing_and_outside_paths(
     assert hashlib.sha256(outside.read_bytes()).hexdigest() == before
 
 
-@pytest.mark.skipif(shutil.which("solve-field") is None, reason="astrometry.net (solve-field) not installed")
+@pytest.mark.tools("solve-field", "tycho2")
 async def test_outside_root_files_are_solved_but_never_written(
     tmp_path: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:
     """The solver records the solution of a file outside the raw root but leaves the file alone."""
-    from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame
-    from huntsman.science.synthetic import MoffatPSF, huntsman_header, write_raw
     from huntsman.services.solver import PlateSolver
+    from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame
+    from huntsman.testing.synthetic import MoffatPSF, huntsman_header, write_raw
 
     config = make_config(tmp_path, mongo_uri, db_name)
     shape = (1500, 2000)
@@ -361,7 +364,7 @@ async def test_outside_root_files_are_solved_but_never_written(
                              raw_dir=config.paths.raw_dir, extra_index_dir=config.paths.astrometry_dir,
                              log=get_logger(test="cli"))
         if not await solver.check_available():
-            pytest.skip(f"plate solving unusable here: {solver.unusable_reason}")
+            lacking(f"plate solving unusable here: {solver.unusable_reason}")
         assert await solver.solve(str(outside)) == "solved"
     finally:
         await pool.shutdown(2.0)
@@ -569,7 +572,7 @@ def test_run_announces_where_to_copy_files(tmp_path: Path, mongo_uri: str, db_na
 def test_make_run_installs_only_the_runtime(tmp_path: Path) -> None:
     make = shutil.which("make")
     if make is None:
-        pytest.skip("make is not installed")
+        lacking("make is not installed (Debian package make)")
     venv = tmp_path / "venv"
     run = subprocess.run([make, "-n", "run", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)

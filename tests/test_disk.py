@@ -1,6 +1,7 @@
 """A full disk pauses the writers and they resume by themselves: real tmpfs, real service.
 
-Mounting a tmpfs needs root (CI runs as root); elsewhere these tests skip with the reason.
+Mounting a tmpfs needs root (CI runs as root): those tests are marked ``root``; elsewhere they
+skip with the reason (and fail in CI, :mod:`tests.support.needs`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from huntsman.logs import get_logger
 from huntsman.services.disk import DiskMonitor, is_disk_full
 from huntsman.store.database import Database
 from tests.conftest import ServiceHandle, copy_sample, make_config, wait_for
+from tests.support.needs import lacking, missing_root
 from tests.test_http import get
 
 LOG = get_logger(test="disk")
@@ -32,16 +34,16 @@ MB = 1024 * 1024
 
 @contextlib.contextmanager
 def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
-    """A tmpfs of ``size_mb`` mounted at ``path`` for the duration (skip if impossible)."""
+    """A tmpfs of ``size_mb`` mounted at ``path`` for the duration (a missing need if impossible)."""
     path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    if (reason := missing_root()) is not None:
+        lacking(f"mounting a tmpfs {reason}")
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(path)],
         capture_output=True, text=True, timeout=30,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        lacking(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
     try:
         yield path
     finally:
@@ -98,6 +100,7 @@ def test_disk_full_is_recognised_through_causes() -> None:
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
 
 
+@pytest.mark.root
 async def test_monitor_logs_each_episode_once_and_gates_writers(small_fs: Path) -> None:
     monitor = DiskMonitor(
         DiskConfig(interval_s=0.1, min_free_mb=4.0), {"var_dir": small_fs, "calib_dir": Path("/")}, LOG
@@ -149,6 +152,7 @@ async def _true(value: bool) -> bool:
     return value
 
 
+@pytest.mark.root
 async def test_full_var_dir_pauses_ingestion_and_resumes(
     tmp_path: Path, var_fs: Path, db_name: str
 ) -> None:
@@ -234,6 +238,7 @@ async def test_full_var_dir_pauses_ingestion_and_resumes(
           sorted({str(e.get("error"))[:120] for e in refused}))
 
 
+@pytest.mark.root
 async def test_database_broken_by_a_full_disk_is_restarted_and_every_file_ends_ok(
     tmp_path: Path, var_fs: Path, db_name: str
 ) -> None:
@@ -298,6 +303,7 @@ async def test_database_broken_by_a_full_disk_is_restarted_and_every_file_ends_o
     assert any(e["event"] == "reconciled_after_outage" for e in logs)
 
 
+@pytest.mark.root
 async def test_write_error_is_recorded_with_the_real_reason_and_gate_waits(
     tmp_path: Path, small_fs: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from pymongo import MongoClient
 
-from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.store.embedded import find_running
+from huntsman.testing.synthetic import huntsman_header, write_raw
 from tests.conftest import PYTHON, RAW_SAMPLES, ROOT, python_env
 
 pytestmark = pytest.mark.e2e
@@ -50,8 +50,9 @@ class ServiceProcess:
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        with self.proc.stdout:  # closed at the end of the output: the service has exited
+            for line in self.proc.stdout:
+                self.lines.append(line)
 
     def events(self) -> list[dict[str, Any]]:
         out = []

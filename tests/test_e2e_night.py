@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame, tycho_stars
-from huntsman.science.synthetic import CameraModel, MoffatPSF, huntsman_header, write_raw
+from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame, tycho_stars
+from huntsman.testing.synthetic import CameraModel, MoffatPSF, huntsman_header, write_raw
 from tests.conftest import PYTHON, ROOT, python_env
 from tests.qc_synth import write_calib_frames
 from tests.test_e2e import ServiceProcess, wait_until, workdir  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.tools("solve-field", "tycho2")]
 
 SHAPE = (1500, 2000)
 SCALE = 1.24
@@ -98,8 +98,9 @@ def test_synthetic_night_ends_with_every_science_frame_done(workdir: Path) -> No
     refcat = workdir / "refcat.csv"
     write_refcat(refcat)
     service = NightService(workdir, refcat).start()
+    client = service.client()
     try:
-        exposures = service.client()["huntsman"]["exposures"]
+        exposures = client["huntsman"]["exposures"]
 
         def copy(paths: list[Path]) -> None:
             for src in paths:
@@ -143,5 +144,6 @@ def test_synthetic_night_ends_with_every_science_frame_done(workdir: Path) -> No
         assert status.returncode == 0, status.stderr
         assert "quality control" in status.stdout and "done" in status.stdout
     finally:
+        client.close()
         service.signal(2)
         assert service.wait(30) == 0

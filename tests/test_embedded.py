@@ -14,6 +14,8 @@ from huntsman.logs import get_logger
 from huntsman.store.database import connect
 from huntsman.store.embedded import STATE_FILE, EmbeddedServer, find_running
 
+pytestmark = pytest.mark.service  # real database servers, started and killed
+
 
 async def test_start_write_restart_keeps_data(tmp_path: Path) -> None:
     server = EmbeddedServer(tmp_path / "db", port=0)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from huntsman.config import Config
-from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.store.database import Database
+from huntsman.testing.synthetic import huntsman_header, write_raw
 from tests.conftest import ServiceHandle, make_config, wait_for
 
 

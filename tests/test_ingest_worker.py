@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astropy.io import fits
 
 from huntsman.models import IngestParams
@@ -22,6 +23,7 @@ from tests.test_worker_faults import corrupt_fz, decompression_bomb, huge_header
 FOUR_FRAMES = 4 * 5496 * 3672
 
 
+@pytest.mark.root  # drops the capabilities that bypass file permissions
 def test_unreadable_file_is_a_clear_failure() -> None:
     """A file the service's user may not read.
 

@@ -47,6 +47,8 @@ from tests.conftest import (
     wait_for,
 )
 
+pytestmark = pytest.mark.service  # the service, its commands and database servers as processes
+
 CONFIG = ROOT / "etc" / "huntsman.yaml"
 
 
@@ -104,8 +106,9 @@ class ServiceProcess:
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        with self.proc.stdout:  # closed at the end of the output: the service has exited
+            for line in self.proc.stdout:
+                self.lines.append(line)
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -462,6 +465,9 @@ async def test_external_database_outage_past_the_bound_exits_non_zero(
         assert code == 1
         assert time.monotonic() - started < 1.5 + config.shutdown_budget_s() + 3
     finally:
+        # The service gave up closing its client after close_timeout_s (its process would exit
+        # now); in this process the test closes it, or its sockets outlive the test.
+        await asyncio.wait_for(handle.app.database.client.close(), 10)
         await external.stop()
 
 

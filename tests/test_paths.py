@@ -32,12 +32,12 @@ from huntsman.paths import (
 from huntsman.science.fitsio import write_fits_atomic
 from huntsman.science.masters import MasterParams
 from huntsman.science.provenance import Provenance
-from huntsman.science.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 from huntsman.services.calib import CalibService, master_path
 from huntsman.services.quality import QualityMonitor, calibrated_path
 from huntsman.services.solver import PlateSolver
 from huntsman.store.calibs import Unit
 from huntsman.store.database import Database
+from huntsman.testing.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 from huntsman.workers.calib import CalibJob, build_calib_master
 from huntsman.workers.ingest import ingest_file
 from tests.conftest import make_config, wait_for
@@ -261,12 +261,13 @@ async def _solved(database: Database, *filenames: str) -> bool:
     return True
 
 
+@pytest.mark.tools("solve-field", "tycho2")
 async def test_write_back_ignores_a_planted_link_and_records_why_a_hard_link_is_refused(
     service: Any, database: Database, tmp_path: Path
 ) -> None:
-    from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame
-    from huntsman.science.synthetic import MoffatPSF
     from huntsman.science.wcs_writer import read_wcs_marker
+    from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame
+    from huntsman.testing.synthetic import MoffatPSF
 
     shape = (1500, 2000)
     true_wcs = make_tan_sip_wcs(270.0, -30.0, shape, 1.24, 30.0, None)

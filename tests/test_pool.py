@@ -155,6 +155,8 @@ def test_master_budget_must_fit_under_the_worker_cap(tmp_path: Path) -> None:
     assert load_config(ROOT / "etc" / "huntsman.yaml", environ=env, root=tmp_path).pool.worker_memory_mb == 0
 
 
+pytestmark = pytest.mark.slow  # real process pools, started and killed many times
+
 OWNER = """
 import asyncio, sys, time
 from huntsman.logs import get_logger
@@ -198,6 +200,7 @@ def test_busy_workers_die_with_their_owner(context: str, tmp_path: Path) -> None
     finally:
         if owner.poll() is None:
             owner.kill()
+        owner.stdout.close()
         for p in children:
             with contextlib.suppress(psutil.Error):
                 p.kill()

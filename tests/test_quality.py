@@ -22,17 +22,17 @@ from huntsman.logs import get_logger
 from huntsman.models import IngestParams, utcnow
 from huntsman.science.photometry import PhotometryParams, limiting_flux_5sigma
 from huntsman.science.psf import true_image_fwhm
-from huntsman.science.psfex_runner import psfex_available, run_psfex
 from huntsman.science.refcat import CatalogueSpec
-from huntsman.science.synthetic import moffat_alpha
 from huntsman.services.calib import CalibService
 from huntsman.services.quality import QualityMonitor
 from huntsman.services.solver import PlateSolver
 from huntsman.store.database import Database
+from huntsman.testing.synthetic import moffat_alpha
 from huntsman.workers.ingest import ingest_file
 from huntsman.workers.qc import DetectorConstants, GradeThresholds, QCJob, QCOutcome, qc_frame
 from tests.conftest import DATA, RAW_SAMPLES, make_config, wait_for
 from tests.qc_synth import CAM, PROV, Truth, make_masters, make_science, tan_wcs, write_calib_frames
+from tests.support.psfex_runner import run_psfex
 
 SHAPE = (1200, 1200)
 SEEDS = (11, 12, 13, 14, 15, 16)
@@ -75,6 +75,7 @@ def synthetic_runs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Truth
     return runs
 
 
+@pytest.mark.slow
 def test_worker_accuracy_on_raw_frames(synthetic_runs: list[tuple[Truth, QCOutcome]]) -> None:
     fwhm_err, zp_err, sky_err, lim_err = [], [], [], []
     for truth, out in synthetic_runs:
@@ -106,6 +107,7 @@ def test_worker_accuracy_on_raw_frames(synthetic_runs: list[tuple[Truth, QCOutco
     assert max(lim_err) <= 0.2
 
 
+@pytest.mark.slow
 def test_calibrated_frame_has_provenance_and_removes_the_flat(
     synthetic_runs: list[tuple[Truth, QCOutcome]],
 ) -> None:
@@ -128,6 +130,7 @@ def test_calibrated_frame_has_provenance_and_removes_the_flat(
     assert max(raw_corners) / min(raw_corners) - 1 > 0.05
 
 
+@pytest.mark.slow
 def test_no_wcs_and_empty_field_keep_what_can_be_measured(
     synthetic_runs: list[tuple[Truth, QCOutcome]], tmp_path: Path,
 ) -> None:
@@ -163,7 +166,7 @@ def test_grades_follow_thresholds() -> None:
 
 
 # -- the real science_0 frame --------------------------------------------------------------
-@pytest.mark.skipif(not psfex_available(), reason="source-extractor/psfex not installed")
+@pytest.mark.tools("source-extractor", "psfex")
 def test_science_0_with_real_masters_zeropoint_and_psfex(tmp_path: Path) -> None:
     calib = DATA / "calib" / "2021-01-07"
     raw = RAW_SAMPLES / "science_0.fits"

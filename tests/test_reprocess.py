@@ -22,9 +22,9 @@ from huntsman.cli.selection import Selection
 from huntsman.config import Config
 from huntsman.logs import get_logger
 from huntsman.models import FileSource, IngestRequest, utcnow
-from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.services.ingestor import FileIngestor
 from huntsman.store.database import Database
+from huntsman.testing.synthetic import huntsman_header, write_raw
 from huntsman.workers.pool import ComputePool
 from tests.conftest import PYTHON, ROOT, make_config, python_env
 

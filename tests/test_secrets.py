@@ -59,6 +59,7 @@ def test_redact_text_finds_uris_inside_messages_and_data() -> None:
     assert data["n"] == 3 and data["api_token"] == "***"
 
 
+@pytest.mark.service
 def test_validate_config_redacts_every_secret_option(tmp_path: Path) -> None:
     env = python_env(HUNTSMAN_MONGODB_URI=URI.format(port=27017), HUNTSMAN_VAR_DIR=str(tmp_path / "var"))
     proc = subprocess.run([PYTHON, "-m", "huntsman", "validate-config"], env=env, cwd=ROOT,
@@ -69,6 +70,7 @@ def test_validate_config_redacts_every_secret_option(tmp_path: Path) -> None:
     assert uri.startswith("mongodb://huntuser:***@127.0.0.1:27017/") and uri.count("***") == 6
 
 
+@pytest.mark.service
 def test_start_up_log_and_error_texts_are_redacted(tmp_path: Path) -> None:
     # Nothing listens on the port: the service logs its configuration, fails to reach the
     # database and exits; nothing it prints (log lines, error, traceback) carries a secret.
@@ -118,6 +120,7 @@ def _modes(top: Path) -> dict[str, int]:
     return modes
 
 
+@pytest.mark.service
 async def test_embedded_database_files_are_owner_only(tmp_path: Path) -> None:
     old = os.umask(0o022)  # a permissive umask, as a login shell has
     try:

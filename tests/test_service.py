@@ -8,11 +8,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astropy.io import fits
 
 from huntsman.config import Config
-from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.store.database import Database
+from huntsman.testing.synthetic import huntsman_header, write_raw
 from tests.conftest import (
     RAW_SAMPLES,
     SAMPLE_NAMES,
@@ -291,6 +292,7 @@ async def _type_is(db: Database, filename: str, kind: str) -> bool:
     return doc is not None and doc.get("observation_type") == kind
 
 
+@pytest.mark.root  # lowers fs.inotify.max_queued_events
 async def test_inotify_queue_overflow_triggers_rescan(
     tmp_path: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:

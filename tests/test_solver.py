@@ -11,10 +11,10 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame
-from huntsman.science.synthetic import MoffatPSF, huntsman_header, write_raw
 from huntsman.science.wcs_writer import read_wcs_marker, strip_wcs
 from huntsman.store.database import Database
+from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame
+from huntsman.testing.synthetic import MoffatPSF, huntsman_header, write_raw
 from tests.conftest import DATA, PYTHON, RAW_SAMPLES, ROOT, ServiceHandle, make_config, python_env, wait_for
 
 SCALE = 1.24
@@ -32,6 +32,7 @@ async def _wcs_status(db: Database, filename: str, *statuses: str) -> bool:
     return doc is not None and (doc.get("wcs") or {}).get("status") in statuses
 
 
+@pytest.mark.tools("solve-field", "tycho2")
 async def test_science_frame_solved_and_written_back_once(
     service: ServiceHandle, database: Database, tmp_path: Path
 ) -> None:
@@ -76,6 +77,7 @@ async def _idle(service: ServiceHandle) -> bool:
     return service.app.ingestor.idle() and service.app.solver.queue.empty()
 
 
+@pytest.mark.tools("solve-field")
 async def test_unsolvable_frame_fails_with_reason_and_is_not_retried_forever(
     tmp_path: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:
@@ -134,6 +136,7 @@ async def test_without_indexes_frames_are_skipped_with_warning(
     assert doc is not None and "index" in doc["wcs"]["error"]
 
 
+@pytest.mark.tools("solve-field")
 async def test_science_sample_solves_through_an_index_built_from_the_catalogue(
     tmp_path: Path, mongo_uri: str, db_name: str, database: Database
 ) -> None:

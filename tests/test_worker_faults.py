@@ -221,10 +221,11 @@ def _start_service(
 
     def read() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("{") and json.loads(line).get("event") == "watcher_started":
-                ready.set()
+        with proc.stdout:  # closed at the end of the output: the service has exited
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("{") and json.loads(line).get("event") == "watcher_started":
+                    ready.set()
 
     threading.Thread(target=read, daemon=True).start()
     if not ready.wait(90):

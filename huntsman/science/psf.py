@@ -16,7 +16,7 @@ Each selected star is fitted with an elliptical Moffat ``f`` (free beta) integra
 pixel by Gauss-Legendre quadrature, plus a constant sky, by a Levenberg-Marquardt solver
 vectorised over all stars with an analytic Jacobian.  The image FWHM of each fitted profile is
 then computed exactly (same definition as :func:`true_image_fwhm`), so a synthetic star of
-known :class:`~huntsman.science.synthetic.MoffatPSF` is compared like with like.  Second-moment
+known :class:`~huntsman.testing.synthetic.MoffatPSF` is compared like with like.  Second-moment
 or half-light-radius shortcuts are not used: for Moffat wings they read 15-20% high.
 
 Ellipticity ``1 - b/a`` and ``beta`` are those of the fitted intrinsic profile (pixel

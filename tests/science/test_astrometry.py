@@ -25,9 +25,9 @@ from huntsman.science.astrometry import (
     pointing_metrics,
     solve_field,
 )
-from huntsman.science.starfield import make_tan_sip_wcs, render_sky_frame, tycho_stars
-from huntsman.science.synthetic import MoffatPSF
 from huntsman.science.wcs_writer import strip_wcs
+from huntsman.testing.starfield import make_tan_sip_wcs, render_sky_frame, tycho_stars
+from huntsman.testing.synthetic import MoffatPSF
 
 iers.conf.auto_download = False
 iers.conf.auto_max_age = None
@@ -94,11 +94,13 @@ def refcat_index(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return build_index(REFCAT, tmp_path_factory.mktemp("refcat-index"))
 
 
+@pytest.mark.tools("solve-field")
 def test_tools_available() -> None:
     ok, reason = available()
     assert ok, reason
 
 
+@pytest.mark.tools("solve-field", "tycho2")
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_synthetic_frames_solve_within_one_arcsec(
     case: Case, rendered: dict[str, tuple[WCS, np.ndarray]], tmp_path: Path
@@ -141,6 +143,7 @@ def test_synthetic_frames_solve_within_one_arcsec(
         assert type(value) in (str, int, float)
 
 
+@pytest.mark.tools("solve-field", "tycho2")
 def test_downsampled_positions_still_solve(
     rendered: dict[str, tuple[WCS, np.ndarray]], tmp_path: Path
 ) -> None:
@@ -155,6 +158,7 @@ def test_downsampled_positions_still_solve(
     assert rms <= 1.0
 
 
+@pytest.mark.tools("tycho2")
 def test_extract_sources_finds_catalogue_stars(
     rendered: dict[str, tuple[WCS, np.ndarray]],
 ) -> None:
@@ -172,6 +176,7 @@ def test_extract_sources_finds_catalogue_stars(
     assert np.mean(d < 1.0) >= 0.8  # a few blend with the random faint stars
 
 
+@pytest.mark.tools("solve-field")
 def test_science_frame_solves_with_index_built_from_refcat(
     refcat_index: list[Path], tmp_path: Path
 ) -> None:
@@ -196,6 +201,7 @@ def test_science_frame_solves_with_index_built_from_refcat(
     assert result.pointing_offset_arcsec is not None and result.pointing_offset_arcsec < 600
 
 
+@pytest.mark.tools("solve-field")
 def test_build_index_applies_quality_cuts(tmp_path: Path) -> None:
     table = Table.read(REFCAT, format="ascii.csv")
     bad = table.copy()
@@ -219,6 +225,7 @@ def _noise_sources(
     )
 
 
+@pytest.mark.tools("solve-field")
 def test_pure_noise_fails_with_clear_reason(tmp_path: Path) -> None:
     params = SolveParams(pixel_scale_arcsec=SCALE, cpu_limit_s=1.0, timeout_s=40.0, max_sources=60)
     result = solve_field(
@@ -233,6 +240,7 @@ def test_pure_noise_fails_with_clear_reason(tmp_path: Path) -> None:
     assert result.solve_time_s < params.timeout_s
 
 
+@pytest.mark.tools("solve-field", "tycho2")
 def test_wrong_hint_falls_back_to_blind(
     rendered: dict[str, tuple[WCS, np.ndarray]], tmp_path: Path
 ) -> None:
@@ -252,6 +260,7 @@ def test_wrong_hint_falls_back_to_blind(
                                                           rel=0.01)
 
 
+@pytest.mark.tools("solve-field", "tycho2")
 def test_wrong_scale_fails(rendered: dict[str, tuple[WCS, np.ndarray]], tmp_path: Path) -> None:
     case = CASES[2]
     _, data = rendered[case.name]
@@ -265,6 +274,7 @@ def test_wrong_scale_fails(rendered: dict[str, tuple[WCS, np.ndarray]], tmp_path
     assert result.attempts == 1 and not result.blind
 
 
+@pytest.mark.tools("solve-field")
 def test_wall_time_limit_kills_the_solver(tmp_path: Path) -> None:
     # A blind search of noise over every index with a generous CPU limit: only the wall-time
     # limit can stop it.
@@ -299,6 +309,7 @@ def test_too_few_sources(tmp_path: Path) -> None:
     assert result == SolveResult(status="failed", error="too few sources to solve (3 < 4)")
 
 
+@pytest.mark.tools("tycho2")
 def test_tycho_reader_matches_skymapper_positions() -> None:
     cat = tycho_stars(65.0, -55.0, 0.9)
     assert 50 < len(cat.ra_deg) < 500

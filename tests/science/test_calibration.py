@@ -11,7 +11,7 @@ from astropy.io import fits
 from huntsman.science.calibration import calibrate, load_master
 from huntsman.science.fitsio import read_raw, write_fits_atomic
 from huntsman.science.provenance import Provenance, config_hash, provenance_cards, stamp_header
-from huntsman.science.synthetic import huntsman_header, write_raw
+from huntsman.testing.synthetic import huntsman_header, write_raw
 
 
 def _inputs(seed: int = 0) -> tuple[np.ndarray, ...]:

@@ -18,7 +18,7 @@ from huntsman.science.masters import (
     build_master_flat,
 )
 from huntsman.science.provenance import Provenance, config_hash
-from huntsman.science.synthetic import CameraModel, huntsman_header, render_frame, write_raw
+from huntsman.testing.synthetic import CameraModel, huntsman_header, render_frame, write_raw
 
 SHAPE = (400, 600)
 CAMERA = CameraModel(bias_adu=200.0, dark_e_per_s=0.5)

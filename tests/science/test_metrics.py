@@ -11,9 +11,9 @@ import pytest
 from astropy.io import fits
 
 from huntsman.models import DetectorConstants
-from huntsman.science import synthetic as syn
 from huntsman.science.metrics import MetricParams, compute_metrics, metric_names
 from huntsman.science.psf import true_image_fwhm
+from huntsman.testing import synthetic as syn
 
 RAW = Path(__file__).parent.parent / "data" / "huntsman-drp" / "raw"
 CAM = syn.CameraModel()

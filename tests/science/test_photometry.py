@@ -20,7 +20,7 @@ from huntsman.science.photometry import (
     measure_photometry,
 )
 from huntsman.science.refcat import CatalogueSpec, RefCatalogue, load_catalogue
-from huntsman.science.synthetic import CameraModel, MoffatPSF, StarField, moffat_alpha, render_frame
+from huntsman.testing.synthetic import CameraModel, MoffatPSF, StarField, moffat_alpha, render_frame
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "huntsman-drp"
 CAM = CameraModel()

@@ -11,9 +11,9 @@ from astropy.io import fits
 from scipy.optimize import brentq
 
 from huntsman.models import DetectorConstants
-from huntsman.science import synthetic as syn
 from huntsman.science.psf import image_fwhm, measure_psf, true_image_fwhm
-from huntsman.science.psfex_runner import run_psfex
+from huntsman.testing import synthetic as syn
+from tests.support.psfex_runner import run_psfex
 
 RAW = Path(__file__).parent.parent / "data" / "huntsman-drp" / "raw"
 SCALE = 1.24
@@ -166,6 +166,7 @@ def test_saturated_stars_rejected_and_input_not_mutated() -> None:
     assert res_only.n_stars == 0 and res_only.error is not None
 
 
+@pytest.mark.tools("source-extractor", "psfex")
 def test_real_science_frame_agrees_with_psfex() -> None:
     path = RAW / "science_0.fits"
     data = fits.getdata(path)

@@ -16,7 +16,7 @@ from huntsman.science.stacking import (
     plan_bands,
     sigma_clipped_combine,
 )
-from huntsman.science.synthetic import huntsman_header, write_raw
+from huntsman.testing.synthetic import huntsman_header, write_raw
 
 
 def _stack(seed: int = 1, n: int = 15, shape: tuple[int, int] = (120, 160)) -> np.ndarray:

@@ -17,8 +17,6 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from huntsman.science.starfield import make_tan_sip_wcs
-from huntsman.science.synthetic import huntsman_header, write_raw
 from huntsman.science.wcs_writer import (
     MARKER_KEY,
     WcsWriteRefused,
@@ -29,6 +27,8 @@ from huntsman.science.wcs_writer import (
     strip_wcs,
     write_wcs_into_raw,
 )
+from huntsman.testing.starfield import make_tan_sip_wcs
+from huntsman.testing.synthetic import huntsman_header, write_raw
 
 SCIENCE = Path(__file__).resolve().parents[1] / "data" / "huntsman-drp" / "raw" / "science_0.fits"
 
@@ -295,9 +295,8 @@ def test_links_and_files_outside_the_root_are_refused(science: Path, tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.fits", "science_0.fits"]
 
 
+@pytest.mark.root  # to give the file another owner
 def test_owner_group_and_mode_are_kept(science: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the file another owner")
     os.chown(science, 1234, 4321)
     os.chmod(science, 0o640)
     assert write_wcs_into_raw(science, solution(64.9), root=science.parent) is True

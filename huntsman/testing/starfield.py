@@ -29,7 +29,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from huntsman.science.synthetic import CameraModel, MoffatPSF, StarField, render_frame
+from huntsman.testing.synthetic import CameraModel, MoffatPSF, StarField, render_frame
 
 __all__ = [
     "DEFAULT_TYCHO_INDEX",
@@ -219,7 +219,7 @@ def render_sky_frame(
     n_extra_stars : int
         Faint stars at random positions, absent from the catalogue (realistic confusion).
     camera : CameraModel, optional
-        Detector model passed to :func:`huntsman.science.synthetic.render_frame`.
+        Detector model passed to :func:`huntsman.testing.synthetic.render_frame`.
 
     Returns
     -------
