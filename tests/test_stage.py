@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from huntsman.logs import get_logger
-from huntsman.services.stage import Stage
+from huntsman.services.stage import Stage, deadline_s
 
 LOG = get_logger(test="stage")
 
@@ -281,3 +281,31 @@ async def test_cancellation_propagates_out_of_process() -> None:
 def test_a_stage_without_room_or_consumers_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         stage(Work(), queue_size=0)
+
+
+async def test_feed_puts_more_than_the_queue_holds_and_reports_progress() -> None:
+    work = Work()
+    s = stage(work, queue_size=2, concurrency=1)
+    seen: list[int] = []
+    names = [f"f{i}" for i in range(7)]
+    async with s.running():
+        assert await s.feed(names, timeout_s=5.0, progress=seen.append) is True
+    assert sorted(work.calls) == sorted(names)  # each once, though only 2 fit at a time
+    assert seen[-1] == 7 and seen == sorted(seen) and all(0 <= n <= 7 for n in seen)
+
+
+async def test_feed_gives_up_at_its_deadline() -> None:
+    work = Work()
+    work.gate("stuck")
+    s = stage(work, queue_size=1, concurrency=1)
+    async with s.running():
+        start = time.monotonic()
+        assert await s.feed(["stuck", "next", "last"], timeout_s=0.2) is False
+        assert time.monotonic() - start < 1.0
+        work.gates["stuck"].set()
+
+
+def test_deadline_counts_rounds_of_concurrent_items() -> None:
+    assert deadline_s(5, 2, 10.0, margin_s=1.0) == 31.0  # 3 rounds
+    assert deadline_s(4, 2, 10.0, margin_s=1.0) == 21.0
+    assert deadline_s(0, 2, 10.0, margin_s=1.0) == 1.0

@@ -26,6 +26,7 @@ from huntsman.logs import get_logger
 from huntsman.models import FileSource, IngestRequest, QCStatus, utcnow
 from huntsman.paths import is_inside
 from huntsman.science.offline import configure_offline_astropy
+from huntsman.services.stage import deadline_s
 from huntsman.services.watcher import is_candidate
 from huntsman.store.database import open_database
 
@@ -99,24 +100,12 @@ async def ingest(config: Config, args: argparse.Namespace) -> int:
             concurrency=config.pool.max_in_flight,
         )
         bar = Progress(len(files), "ingest")
-        # Each file is bounded by its job's timeout and its document write's retry deadline.
-        rounds = -(-len(files) // ingestor.stage.concurrency)
-        budget_s = rounds * (config.pool.job_timeout_s + ingestor.write_retry_s) + 60.0
-        submitted = 0
-        finished = False
+        item_s = config.pool.job_timeout_s + ingestor.write_retry_s
+        budget_s = deadline_s(len(files), ingestor.stage.concurrency, item_s)
+        requests = (IngestRequest(path, utcnow(), FileSource.CLI) for path in files)
         try:
             async with ingestor.stage.running():
-                async with asyncio.timeout(budget_s):  # submitting waits while the queue is full
-                    for path in files:
-                        await ingestor.submit(IngestRequest(path, utcnow(), FileSource.CLI))
-                        submitted += 1
-                        bar.update(submitted - len(ingestor.stage.pending()))
-                    while not await ingestor.join(timeout_s=0.5 if bar.enabled else budget_s):
-                        bar.update(submitted - len(ingestor.stage.pending()))
-                    bar.update(submitted)
-                    finished = True
-        except TimeoutError:
-            pass
+                finished = await ingestor.stage.feed(requests, timeout_s=budget_s, progress=bar.update)
         finally:
             bar.close()
             await pool.shutdown(1.0)
@@ -241,24 +230,13 @@ async def _measure_all(
         print(f"{status:<15} {name}")
 
     stage.add_listener(measured)
-    # Each frame is bounded by its job's timeout and its document write's retry deadline.
-    rounds = -(-len(names) // stage.concurrency)
-    budget_s = rounds * (config.qc.job_timeout_s + config.database.write_retry_s) + 60.0
-    submitted = 0
-    finished = False
+    item_s = config.qc.job_timeout_s + config.database.write_retry_s
+    budget_s = deadline_s(len(names), stage.concurrency, item_s)
     try:
         async with stage.running():
-            async with asyncio.timeout(budget_s):  # submitting waits while the queue is full
-                for name in names:
-                    await stage.put(QCRequest(name))
-                    submitted += 1
-                    bar.update(submitted - len(stage.pending()))
-                while not await stage.join(timeout_s=0.5 if bar.enabled else budget_s):
-                    bar.update(submitted - len(stage.pending()))
-                bar.update(submitted)
-                finished = True
-    except TimeoutError:
-        pass
+            finished = await stage.feed(
+                (QCRequest(name) for name in names), timeout_s=budget_s, progress=bar.update
+            )
     finally:
         bar.close()
     if finished and monitor.last_crash is None:  # no outcome told: nothing was done to it

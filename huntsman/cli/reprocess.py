@@ -26,7 +26,7 @@ from huntsman.cli.selection import STAGE_STATUSES, STAGES, Selection
 from huntsman.config import Config
 from huntsman.logs import Logger, get_logger
 from huntsman.models import FileSource, IngestRequest, WcsStatus, utcnow
-from huntsman.services.stage import Stage
+from huntsman.services.stage import Stage, deadline_s
 from huntsman.store.database import Database
 from huntsman.store.encoding import bson_safe
 from huntsman.store.records import STAGE_DOCUMENTS, SolveRecord
@@ -173,20 +173,17 @@ class Reprocessor:
             bar.advance()
             return True
 
-        # The queue holds the selection already in memory (so it never waits for room); each
-        # item is bounded by its job's timeout and the document write's retry deadline.
+        # The queue holds the selection already in memory (so it never waits for room).
         work: Stage[str, dict[str, Any], bool] = Stage(
             f"reprocess_{stage}", one, key=lambda d: d["filename"], queue_size=max(1, len(docs)),
             concurrency=concurrency, log=self.log, key_field="filename",
         )
         job_s = {"solve": self.config.astrometry.timeout_s + 30, "qc": self.config.qc.job_timeout_s}
         item_s = job_s.get(stage, self.config.pool.job_timeout_s) + self.config.database.write_retry_s
-        budget_s = -(-len(docs) // concurrency) * item_s + 60.0
+        budget_s = deadline_s(len(docs), concurrency, item_s)
         try:
             async with work.running():
-                for doc in docs:
-                    work.offer(doc)
-                finished = await work.join(timeout_s=budget_s)
+                finished = await work.feed(docs, timeout_s=budget_s)
         finally:
             bar.close()
         if not finished:

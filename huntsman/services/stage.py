@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 from huntsman.logs import Logger
 from huntsman.services.tasks import cancel_and_wait, raise_if_cancelling
 
-__all__ = ["Listener", "Stage"]
+__all__ = ["Listener", "Stage", "deadline_s"]
 
 KeyT = TypeVar("KeyT", bound=Hashable)  # what dedupes: a file name
 ItemT = TypeVar("ItemT")  # what is queued: the key and the per-offer options (force, source ...)
@@ -48,6 +48,12 @@ _STOP_S = 5.0  # how long :meth:`Stage.running` waits for its consumers to stop
 
 def _always(item: object) -> bool:
     return True
+
+
+def deadline_s(n_items: int, concurrency: int, item_s: float, margin_s: float = 60.0) -> float:
+    """A deadline for ``n_items`` run ``concurrency`` at a time, each bounded by ``item_s``
+    (its job's timeout and its document write's retry deadline), plus ``margin_s``."""
+    return -(-n_items // max(1, concurrency)) * item_s + margin_s
 
 
 class Stage(Generic[KeyT, ItemT, OutcomeT]):
@@ -305,6 +311,36 @@ class Stage(Generic[KeyT, ItemT, OutcomeT]):
                     await self._changed.wait()
         except TimeoutError:
             return False
+        return True
+
+    async def feed(
+        self,
+        items: Iterable[ItemT],
+        *,
+        timeout_s: float,
+        progress: Callable[[int], None] | None = None,
+    ) -> bool:
+        """Put every item on the (running) stage, waiting for room, then wait for all of them:
+        ``False`` if that did not happen within ``timeout_s``.  ``progress(done)`` is told how
+        many items are done, as they finish (about every 0.5 s) and at the end."""
+        submitted = 0
+
+        def show() -> None:
+            if progress is not None:
+                progress(submitted - len(self.pending()))
+
+        try:
+            async with asyncio.timeout(timeout_s):
+                for item in items:
+                    await self.put(item)
+                    submitted += 1
+                    show()
+                while not await self.join(timeout_s=0.5 if progress is not None else timeout_s):
+                    show()
+        except TimeoutError:
+            return False
+        if progress is not None:
+            progress(submitted)
         return True
 
     async def drain(self, timeout_s: float) -> bool:
