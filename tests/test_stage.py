@@ -309,3 +309,47 @@ def test_deadline_counts_rounds_of_concurrent_items() -> None:
     assert deadline_s(5, 2, 10.0, margin_s=1.0) == 31.0  # 3 rounds
     assert deadline_s(4, 2, 10.0, margin_s=1.0) == 21.0
     assert deadline_s(0, 2, 10.0, margin_s=1.0) == 1.0
+
+
+async def test_a_queued_key_taken_while_a_direct_call_holds_it_waits_its_turn() -> None:
+    running: Counter[str] = Counter()
+    most: Counter[str] = Counter()
+    release = asyncio.Event()
+    calls: list[str] = []
+
+    async def work(item: str) -> str:
+        calls.append(item)
+        running[item] += 1
+        most[item] = max(most[item], running[item])
+        await release.wait()
+        running[item] -= 1
+        return item
+
+    s = stage(work, concurrency=2)
+    async with s.running():
+        assert s.offer("b")
+        direct = asyncio.create_task(s.process("b"))
+        await asyncio.sleep(0)
+        release.set()
+        await direct
+        await settled(s)
+    assert most["b"] == 1, "the same key ran twice at once"
+    assert calls.count("b") == 2  # the queued offer still got its own pass
+
+
+async def test_an_offer_made_meanwhile_survives_a_cancelled_pass() -> None:
+    work = Work()
+    gate = work.gate("a")
+    s = stage(work, concurrency=1)
+    consumer = asyncio.create_task(s.run())
+    assert s.offer("a")
+    await asyncio.wait_for(work.started["a"].wait(), 5)
+    assert s.offer("a")  # remembered: processed once more after this pass
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert s.is_queued("a"), s.state()  # back on the queue for whoever runs the stage next
+    gate.set()
+    async with s.running():
+        await settled(s)
+    assert work.calls == ["a", "a"]

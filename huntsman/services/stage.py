@@ -206,6 +206,9 @@ class Stage(Generic[KeyT, ItemT, OutcomeT]):
             try:
                 key = self._key(item)
                 self._queued.discard(key)
+                if key in self._busy:  # in hand already (a direct call): once more afterwards
+                    self._again[key] = item
+                    continue
                 await self._hold(key, item, queued=True)
             finally:
                 self.queue.task_done()
@@ -223,7 +226,10 @@ class Stage(Generic[KeyT, ItemT, OutcomeT]):
         return await self._hold(key, item, queued=False)
 
     async def _hold(self, key: KeyT, item: ItemT, *, queued: bool) -> OutcomeT | None:
-        """Process ``item`` with its key busy, then once more for an offer made meanwhile."""
+        """Process ``item`` with its key busy, then once more for an offer made meanwhile.
+
+        If processing ends by an exception (a direct call) or a cancellation, an offer made
+        meanwhile is not lost: it goes back on the queue."""
         self._busy.add(key)
         self._wake()
         outcome: OutcomeT | None = None
@@ -233,19 +239,17 @@ class Stage(Generic[KeyT, ItemT, OutcomeT]):
                 remembered = self._again.pop(key, None)
                 if remembered is None:
                     return outcome
-                item = self._renew(remembered) if self._renew is not None else remembered
+                item = self._renewed(remembered)
                 raise_if_cancelling()
-        except Exception:
-            # Only a direct call gets here: the offer made meanwhile still gets its look.
-            remembered = self._again.pop(key, None)
-            self._busy.discard(key)
-            if remembered is not None:
-                self.offer(self._renew(remembered) if self._renew is not None else remembered)
-            raise
         finally:
             self._busy.discard(key)
-            self._again.pop(key, None)
+            leftover = self._again.pop(key, None)  # only after an exception or a cancellation
+            if leftover is not None:
+                self.offer(self._renewed(leftover))
             self._wake()
+
+    def _renewed(self, item: ItemT) -> ItemT:
+        return self._renew(item) if self._renew is not None else item
 
     async def _isolated(self, key: KeyT, item: ItemT) -> OutcomeT | None:
         try:
@@ -320,27 +324,27 @@ class Stage(Generic[KeyT, ItemT, OutcomeT]):
         timeout_s: float,
         progress: Callable[[int], None] | None = None,
     ) -> bool:
-        """Put every item on the (running) stage, waiting for room, then wait for all of them:
+        """Put every item on the (running) stage, waiting for room, then wait for those keys:
         ``False`` if that did not happen within ``timeout_s``.  ``progress(done)`` is told how
-        many items are done, as they finish (about every 0.5 s) and at the end."""
-        submitted = 0
+        many of them are done, as they finish (about every 0.5 s) and at the end."""
+        fed: set[KeyT] = set()
 
         def show() -> None:
             if progress is not None:
-                progress(submitted - len(self.pending()))
+                progress(len(fed - self.pending()))
 
         try:
             async with asyncio.timeout(timeout_s):
                 for item in items:
                     await self.put(item)
-                    submitted += 1
+                    fed.add(self._key(item))
                     show()
-                while not await self.join(timeout_s=0.5 if progress is not None else timeout_s):
+                step_s = 0.5 if progress is not None else timeout_s
+                while not await self.join(fed, timeout_s=step_s):
                     show()
         except TimeoutError:
             return False
-        if progress is not None:
-            progress(submitted)
+        show()
         return True
 
     async def drain(self, timeout_s: float) -> bool:

@@ -94,7 +94,8 @@ class StatusServer:
         self.requests = 0
         self.active = 0  # requests being served now
         self.refused = 0  # answered 503 at once because max_concurrent_requests were active
-        self._closing = 0  # refused connections answered and waiting for their close
+        # Refused connections answered and waiting for their close, with the timer closing each.
+        self._refused_open: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
         self.health = HealthChecks(config, database, pool, disk)
         self.metrics = MetricsExporter(
             database.exposures,
@@ -143,6 +144,9 @@ class StatusServer:
     async def stop(self) -> None:
         server, self._server = self._server, None
         self._cache.cancel()
+        for transport, timer in list(self._refused_open.items()):  # their answer is written
+            timer.cancel()
+            self._close_refused(transport)
         if server is not None:
             server.close()
             with contextlib.suppress(Exception):
@@ -179,11 +183,15 @@ class StatusServer:
         except (ConnectionError, OSError, RuntimeError):
             transport.abort()
             return
-        self._closing += 1
-        asyncio.get_running_loop().call_later(_REFUSED_CLOSE_S, self._close_refused, transport)
+        timer = asyncio.get_running_loop().call_later(_REFUSED_CLOSE_S, self._close_refused, transport)
+        self._refused_open[transport] = timer
+
+    @property
+    def _closing(self) -> int:
+        return len(self._refused_open)
 
     def _close_refused(self, transport: asyncio.BaseTransport) -> None:
-        self._closing -= 1
+        self._refused_open.pop(transport, None)
         transport.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
