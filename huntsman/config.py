@@ -106,7 +106,8 @@ _RENAMED: dict[str, dict[str, tuple[str, ...]]] = {
         )},
     },
 }
-# Old keys whose value changed shape (two numbers became one pair): refused, naming the new key.
+# Old keys whose value changed shape (two numbers became one pair): read when both are given
+# (:func:`_migrate_mag_pair`), refused alone, naming the new key.
 _REFUSED: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
     "qc": {
         "refcat_mag_min": (("refcat", "mag_range"), "[min, max]"),
@@ -137,6 +138,7 @@ def migrate_section(
     """
     if not isinstance(data, Mapping):
         return data
+    data = _migrate_mag_pair(section, data, name, where)
     refused = [key for key in _REFUSED.get(section, {}) if key in data]
     if refused:
         new, shape = _REFUSED[section][refused[0]]
@@ -167,6 +169,27 @@ def migrate_section(
         if name is _env_name:
             message += f" ({_dotted((section, *new))})"
         warnings.warn_explicit(message, ConfigDeprecationWarning, where, 0, module=__name__)
+    return out
+
+
+def _migrate_mag_pair(section: str, data: Mapping[str, Any], name: KeyNamer, where: str) -> Mapping[str, Any]:
+    """``qc.refcat_mag_min``/``_max`` given together (both numbers, or both null as the
+    previous reference file has them) become ``qc.refcat.mag_range`` with one warning; one of
+    them alone stays for :data:`_REFUSED` to refuse."""
+    pair = ("refcat_mag_min", "refcat_mag_max")
+    if section != "qc" or not all(key in data for key in pair):
+        return data
+    low, high = data[pair[0]], data[pair[1]]
+    if (low is None) != (high is None):
+        return data
+    out = {k: v for k, v in data.items() if k not in pair}
+    refcat = out.get("refcat", {})
+    new = name((section, "refcat", "mag_range"))
+    if not isinstance(refcat, Mapping) or "mag_range" in refcat:
+        raise ValueError(f"{name((section, pair[0]))}/_max and {new} are both set: keep only {new}")
+    out["refcat"] = {**refcat, "mag_range": None if low is None else [low, high]}
+    message = f"{name((section, pair[0]))} and {name((section, pair[1]))} are deprecated: use {new}"
+    warnings.warn_explicit(message, ConfigDeprecationWarning, where, 0, module=__name__)
     return out
 
 

@@ -395,3 +395,18 @@ def test_old_calib_stack_keys_are_read_with_a_warning_naming_the_new_key(tmp_pat
     both.write_text("calib:\n  sigma: 2.5\n  stack: {sigma: 3.0}\n")
     with pytest.raises(ConfigError, match=r"calib\.sigma and calib\.stack\.sigma are both set"):
         load_config(both, environ={}, root=tmp_path)
+
+
+def test_the_previous_reference_file_still_loads(tmp_path: Path) -> None:
+    """The flat refcat magnitude pair of the previous etc/huntsman.yaml (both null, or both
+    numbers) is read as qc.refcat.mag_range with one warning; one of them alone is refused."""
+    for text, expected in (("qc:\n  refcat_mag_min: null\n  refcat_mag_max: null\n", None),
+                           ("qc:\n  refcat_mag_min: 12\n  refcat_mag_max: 19.5\n", (12.0, 19.5))):
+        old = tmp_path / "old.yaml"
+        old.write_text(text)
+        with pytest.warns(ConfigDeprecationWarning) as caught:
+            config = load_config(old, environ={}, root=tmp_path)
+        assert [str(w.message) for w in caught] == [
+            "qc.refcat_mag_min and qc.refcat_mag_max are deprecated: use qc.refcat.mag_range"
+        ]
+        assert config.qc.refcat.mag_range == expected

@@ -54,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     command = BY_NAME[args.command or "run"]
+    if command.name == "run":
+        # The service's whole output is one JSON log stream: a deprecated key's warning, given
+        # while the configuration is read, is already a log line (re-configured once read).
+        configure_logging("WARNING")
     try:
         config = load_config(args.config, override=args.override)
     except ConfigError as exc:
