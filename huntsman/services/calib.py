@@ -35,7 +35,7 @@ from pymongo.errors import PyMongoError
 from huntsman import __version__
 from huntsman.config import CalibConfig, DetectorConfig
 from huntsman.logs import Logger
-from huntsman.models import utcnow
+from huntsman.models import IngestStatus, ObservationType, QCStatus, utcnow
 from huntsman.paths import inside, path_component
 from huntsman.science.masters import MasterParams, MasterResult
 from huntsman.science.provenance import Provenance, config_hash
@@ -415,12 +415,12 @@ class CalibService:
         day = calib_date_of(master["date"])
         age = int(self.config.max_age_days)
         query: dict[str, Any] = {
-            "observation_type": "science",
-            "ingest.status": "ok",
+            "observation_type": ObservationType.SCIENCE,
+            "ingest.status": IngestStatus.OK,
             "camera": master["camera"],
             "calib_date": {"$gte": (day - dt.timedelta(days=age)).isoformat(),
                            "$lte": (day + dt.timedelta(days=age)).isoformat()},
-            "qc.status": {"$ne": "done"},
+            "qc.status": {"$ne": QCStatus.DONE},
         }
         if master["calib_type"] == "flat":
             query["physical_filter"] = master["physical_filter"]
