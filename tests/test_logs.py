@@ -115,6 +115,7 @@ def speak_in_worker() -> int:
     return os.getpid()
 
 
+@pytest.mark.slow  # starts a forkserver pool
 def test_pool_workers_log_the_same_json() -> None:
     code = (
         "import asyncio\n"

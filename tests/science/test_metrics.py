@@ -223,6 +223,7 @@ def test_unknown_type_and_bad_shape_raise() -> None:
         compute_metrics(np.zeros(10), "bias", params=MetricParams(DET))
 
 
+@pytest.mark.slow  # a CPU-time budget on a full frame
 def test_full_frame_cpu_budget() -> None:
     rng = np.random.default_rng(1)
     n = 600

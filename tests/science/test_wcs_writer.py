@@ -211,6 +211,7 @@ def _run_child(stop_at: int, new: dict, paths: list[Path]) -> subprocess.Popen[s
     )
 
 
+@pytest.mark.slow  # kills writer processes at random moments: not an edit-loop test
 def test_sigkill_at_random_moments_never_corrupts(tmp_path: Path) -> None:
     shape = (1000, 1000)  # 2 MB files: ~10 ms per write-back, 30 files ~0.3 s
     paths = _frames(tmp_path, shape)
